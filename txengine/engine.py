@@ -1,0 +1,512 @@
+"""The engine: plans (pure) and applies upgrade, downgrade, stamp and new writes.
+
+Invariant: two integrated revisions that write a common key are applied in
+canonical order, so the data always equals a fresh replay of the integrated
+set. Upgrades on top of everything, and downgrades of a suffix, need no
+extra work; otherwise the dirty-key walk of DESIGN.md rolls back only the
+revisions whose writes meet the change and redoes them afterwards, so the
+cost follows conflicts, not history.
+
+Undo records hold what this peer actually saw at apply time (the prior
+``(doc, incarnation)`` of each key), so undo is exact; bulk operations keep
+document states in memory and write each key once per batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .clock import Clock, Hlc
+from .exceptions import (
+    CycleDetected,
+    ForkedRevision,
+    MalformedPayload,
+    MissingParent,
+    TxEngineError,
+    UntrustedScript,
+)
+from .graph import Graph, Node
+from .ledger import APPLIED, FETCHED, INTEGRATED, Applied, Ledger, descriptor_from_row
+from .ops import Op, State, apply_op, write_key
+from .revision import Revision, check_descriptor, decode_ops, verify_bytes
+from .stores.sql import SqlStore
+
+Key = tuple[str, str, str]
+"""A document's identity: (partition, collection, key text)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a plan: ``apply``, ``undo``, ``stamp`` or ``unstamp`` one revision."""
+
+    action: str
+    revision: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress report, sent after each committed batch."""
+
+    action: str
+    done: int
+    total: int
+    revision: str | None = None
+
+
+ProgressCallback = Callable[[Progress], None]
+ScriptRunner = Callable[[Revision, str], None]
+
+
+@dataclass
+class _Work:
+    """Document states held in memory for the length of one operation."""
+
+    store: SqlStore
+    states: dict[Key, State] = field(default_factory=dict)
+    dirty: set[Key] = field(default_factory=set)
+
+    def preload(self, keys: Iterable[Key]) -> None:
+        grouped: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for k in keys:
+            if k not in self.states:
+                grouped[(k[0], k[1])].append(k[2])
+        for (partition, collection), texts in grouped.items():
+            found = self.store.load_states(partition, collection, texts)
+            for text in texts:
+                self.states[(partition, collection, text)] = found.get(text, (None, None))
+
+    def flush(self) -> None:
+        grouped: dict[tuple[str, str], dict[str, State]] = defaultdict(dict)
+        for k in self.dirty:
+            grouped[(k[0], k[1])][k[2]] = self.states[k]
+        for (partition, collection), states in sorted(grouped.items()):
+            self.store.write_states(partition, collection, states)
+        self.dirty.clear()
+
+
+def node_of(descriptor: dict[str, Any]) -> Node:
+    """Return the graph node of a descriptor."""
+    ms, counter = descriptor["hlc"]
+    return Node(descriptor["id"], tuple(descriptor["parents"]), tuple(descriptor["depends_on"]),
+                (ms, counter), descriptor["origin"], descriptor["kind"],
+                tuple(descriptor["branch_labels"]))
+
+
+class Engine:
+    """Holds the revision graph and applied set of one peer, and changes them."""
+
+    def __init__(self, store: SqlStore, ledger: Ledger, origin: str,
+                 scripts: ScriptRunner | None = None, batch_size: int = 2000) -> None:
+        self.store = store
+        self.ledger = ledger
+        self.conn = store.conn
+        self.origin = origin
+        self.run_script = scripts
+        self.batch_size = batch_size
+        self.load()
+
+    # -- in-memory state -----------------------------------------------------
+    def load(self) -> None:
+        """(Re)load graph, applied set, clock and counters from the ledger."""
+        self.graph = Graph()
+        self.partition: dict[str, str] = {}
+        self.messages: dict[str, str] = {}
+        self.applied: dict[str, int] = {}
+        self.clock = Clock()
+        for row in self.ledger.nodes():
+            node = Node(row.id, tuple(json.loads(row.parents)), tuple(json.loads(row.depends_on)),
+                        (row.hlc_ms, row.hlc_c), row.origin, row.kind,
+                        tuple(json.loads(row.branch_labels)))
+            self.graph.add(node)
+            self.partition[row.id] = row.partition
+            self.messages[row.id] = row.message
+            if row.position is not None:
+                self.applied[row.id] = row.position
+                self.clock.absorb(node.hlc)
+            elif row.origin == self.origin:
+                self.clock.absorb(node.hlc)
+        self.next_position = max(self.applied.values(), default=0) + 1
+        self.seqs = self.ledger.max_seq(self.origin)
+        self.applied_heads: dict[str, set[str]] = defaultdict(set)
+        for rev_id in self.applied:
+            if not any(c in self.applied for c in self.graph.children(rev_id)):
+                self.applied_heads[self.partition[rev_id]].add(rev_id)
+        self.conn.rollback()
+
+    def _mark_applied(self, rev_id: str, position: int) -> None:
+        self.applied[rev_id] = position
+        heads = self.applied_heads[self.partition[rev_id]]
+        heads.add(rev_id)
+        heads.difference_update(self.graph.get(rev_id).parents)
+        self.clock.absorb(self.graph.get(rev_id).hlc)
+
+    def _mark_unapplied(self, rev_id: str) -> None:
+        del self.applied[rev_id]
+        heads = self.applied_heads[self.partition[rev_id]]
+        heads.discard(rev_id)
+        for parent in self.graph.get(rev_id).parents:
+            if parent in self.applied and not any(
+                    c in self.applied for c in self.graph.children(parent)):
+                self.applied_heads[self.partition[parent]].add(parent)
+
+    def next_seq(self, partition: str) -> int:
+        return self.seqs.get(partition, 0) + 1
+
+    def parents_for(self, partition: str) -> list[str]:
+        """Return the parents a new revision takes: this partition's applied heads."""
+        return sorted(self.applied_heads.get(partition, ()))
+
+    def hlc_for(self, parents: Sequence[str]) -> Hlc:
+        return self.clock.tick(self.graph.get(p).hlc for p in parents)
+
+    # -- the write path ------------------------------------------------------
+    def commit_new(self, rev: Revision, ops: list[Op], preloaded: dict[Key, State]) -> None:
+        """Apply and record a revision this peer just wrote, in one transaction."""
+        self.ledger.check_lease()
+        work = _Work(self.store, dict(preloaded))
+        started = time.perf_counter()
+        try:
+            applied, conflicts = self._apply_data(work, rev, ops, self.next_position)
+            work.flush()
+            self.ledger.insert(rev, APPLIED, applied)
+            self.ledger.audit("apply", rev.id, duration_ms=_ms(started),
+                              detail={"write": True, **_conflict_detail(conflicts)})
+            self.conn.commit()
+        except BaseException:
+            self.conn.rollback()
+            raise
+        self.graph.add(node_of(rev.descriptor))
+        self.partition[rev.id] = rev.partition
+        self.messages[rev.id] = rev.message
+        self.seqs[rev.partition] = rev.descriptor["seq"]
+        self.next_position += 1
+        self._mark_applied(rev.id, applied.position)
+
+    def _apply_data(self, work: _Work, rev: Revision, ops: list[Op], position: int
+                    ) -> tuple[Applied, list[dict[str, Any]]]:
+        partition = rev.partition
+        keys = [(partition, *write_key(op)) for op in ops]
+        work.preload(keys)
+        undo: list[Any] = []
+        seen: set[Key] = set()
+        conflicts = []
+        for op, k in zip(ops, keys, strict=True):
+            state = work.states[k]
+            if k not in seen:
+                seen.add(k)
+                undo.append([k[1], k[2], state[0], state[1]])
+            outcome = apply_op(op, state, rev.id)
+            if outcome.conflict:
+                conflicts.append({"collection": k[1], "key": k[2], "reason": outcome.conflict,
+                                  "op": op.to_json(), "current": state[0]})
+            if outcome.state is not state:
+                work.states[k] = outcome.state
+                work.dirty.add(k)
+        return Applied(rev.id, position, undo, [[u[0], u[1]] for u in undo]), conflicts
+
+    @staticmethod
+    def _undo_data(work: _Work, partition: str, undo: list[Any]) -> None:
+        for collection, text, doc, inc in reversed(undo):
+            k = (partition, collection, text)
+            work.states[k] = (doc, inc)
+            work.dirty.add(k)
+
+    # -- plans ---------------------------------------------------------------
+    def plan_upgrade(self, target: str) -> list[Step]:
+        """Return the steps that bring this peer up to ``target`` (pure)."""
+        add = self.graph.upgrade_plan(target, self.applied)
+        return self._with_redo(add=add, remove=[])
+
+    def plan_downgrade(self, target: str) -> list[Step]:
+        """Return the steps that take this peer back to ``target`` (pure)."""
+        remove = self.graph.downgrade_plan(target, self.applied)
+        return self._with_redo(add=[], remove=remove)
+
+    def plan_stamp(self, target: str) -> list[Step]:
+        """Return the ledger-only steps that make ``target`` the applied set."""
+        if target == "base":
+            want: set[str] = set()
+        else:
+            want = set(self.graph.upgrade_plan(target, ()))
+        unstamp = [r for r in self.graph.canonical_order(self.applied) if r not in want]
+        stamp = [r for r in self.graph.canonical_order(want) if r not in self.applied]
+        return ([Step("unstamp", r) for r in reversed(unstamp)]
+                + [Step("stamp", r) for r in stamp])
+
+    def _with_redo(self, add: list[str], remove: list[str]) -> list[Step]:
+        """Add the rollback and redo of revisions whose order the change would break.
+
+        Walk the integrated revisions that sort after the earliest change in
+        canonical order with a dirty set that starts as the change's writes;
+        one that meets it is rolled back (in reverse applied order) and redone
+        (in canonical order) around the change.
+        """
+        if not add and not remove:
+            return []
+        if remove:
+            first = min(self.applied[r] for r in remove)
+            removed = set(remove)
+            later = [r for r, p in self.applied.items() if p > first and r not in removed]
+            sequence = sorted([*later, *remove], key=self.applied.__getitem__)
+        else:
+            start = self.graph.sort_key(add[0])
+            later = [r for r in self.applied if self.graph.sort_key(r) > start]
+            sequence = self.graph.canonical_order([*later, *add])
+        redo = self._dirty_walk(sequence, set(remove) | set(add)) if later else []
+        undo = sorted([*remove, *redo], key=self.applied.__getitem__, reverse=True)
+        steps = [Step("undo", r) for r in undo]
+        again = self.graph.canonical_order([*add, *redo]) if redo else add
+        steps += [Step("apply", r) for r in again]
+        return steps
+
+    def _dirty_walk(self, sequence: list[str], changed: set[str]) -> list[str]:
+        """Return the unchanged revisions of ``sequence`` that meet a changed one's writes."""
+        rows = self.ledger.rows(sequence, "keys", "payload", "kind", "partition")
+        self.conn.rollback()
+
+        def keys_of(rev_id: str) -> set[tuple[str, ...]]:
+            row = rows[rev_id]
+            if row.kind != "data":
+                return {("*",)}
+            if row.keys is not None:
+                return {(row.partition, *k) for k in json.loads(row.keys)}
+            return {(row.partition, *write_key(op)) for op in decode_ops(row.payload)}
+
+        dirty: set[tuple[str, ...]] = set()
+        redo = []
+        for r in sequence:
+            mine = keys_of(r)
+            if r in changed:
+                dirty |= mine
+            elif dirty and (("*",) in dirty or ("*",) in mine or mine & dirty):
+                redo.append(r)
+                dirty |= mine
+        return redo
+
+    # -- execution -----------------------------------------------------------
+    def run(self, steps: list[Step], action: str,
+            progress: ProgressCallback | None = None) -> None:
+        """Execute a plan in batches, one transaction each, reporting after each commit."""
+        if not steps:
+            return
+        self.ledger.check_lease()
+        work = _Work(self.store)
+        done = 0
+        try:
+            for batch in self._batches(steps):
+                self._run_batch(work, batch, action)
+                done += len(batch)
+                if progress:
+                    progress(Progress(action, done, len(steps), batch[-1].revision))
+        except BaseException:
+            self.conn.rollback()
+            self.load()
+            raise
+
+    def _batches(self, steps: list[Step]) -> Iterable[list[Step]]:
+        """Cut the plan into batches; a script revision runs in a batch of its own."""
+        batch: list[Step] = []
+        for step in steps:
+            is_script = self.graph.get(step.revision).kind != "data" and step.action in (
+                "apply", "undo")
+            if batch and (is_script or len(batch) >= self.batch_size):
+                yield batch
+                batch = []
+            batch.append(step)
+            if is_script:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _run_batch(self, work: _Work, batch: list[Step], action: str) -> None:
+        started = time.perf_counter()
+        self.ledger.check_lease()
+        ids = [s.revision for s in batch]
+        rows = self.ledger.full_rows(ids)
+        applied: list[Applied] = []
+        unapplied: list[str] = []
+        audit: list[tuple[str, str | None, str, float, dict[str, Any]]] = []
+        positions: dict[str, int] = {}
+        removed: list[str] = []
+        for step in batch:
+            row = rows[step.revision]
+            if step.action == "apply":
+                rev = Revision(descriptor_from_row(row), row.payload)
+                rev.verify()
+                position = self.next_position + len(positions)
+                if rev.kind == "data":
+                    entry, conflicts = self._apply_data(work, rev, rev.ops, position)
+                    audit += [("conflict", rev.id, "conflict", 0.0, c) for c in conflicts]
+                else:
+                    work.flush()
+                    self._script(rev, "upgrade")
+                    entry = Applied(rev.id, position, [], [])
+                applied.append(entry)
+                positions[rev.id] = position
+            elif step.action == "undo":
+                if row.kind == "data":
+                    if row.undo is not None:
+                        self._undo_data(work, row.partition, json.loads(row.undo))
+                else:
+                    work.flush()
+                    self._script(Revision(descriptor_from_row(row), row.payload), "downgrade")
+                unapplied.append(step.revision)
+                removed.append(step.revision)
+            elif step.action == "stamp":
+                position = self.next_position + len(positions)
+                applied.append(Applied(step.revision, position, None, []))
+                positions[step.revision] = position
+            else:
+                unapplied.append(step.revision)
+                removed.append(step.revision)
+        work.flush()
+        self.ledger.mark_unapplied(unapplied)
+        self.ledger.mark_applied(applied)
+        duration = _ms(started)
+        if len(batch) == 1:
+            audit.append((batch[0].action, batch[0].revision, "ok", duration,
+                          {"command": action}))
+        else:
+            audit.append((action, None, "ok", duration, {
+                "count": len(batch), "first": ids[0], "last": ids[-1],
+                "steps": [[s.action, s.revision] for s in batch]}))
+        self.ledger.audit_many(audit)
+        self.conn.commit()
+        for rev_id in removed:
+            self._mark_unapplied(rev_id)
+        for rev_id, position in positions.items():
+            self._mark_applied(rev_id, position)
+        self.next_position += len(positions)
+
+    def _script(self, rev: Revision, direction: str) -> None:
+        if self.run_script is None:
+            raise UntrustedScript(
+                f"revision {rev.id} is a {rev.kind} revision and this peer has no script"
+                " location: set script_location in alembic.ini"
+            )
+        self.run_script(rev, direction)
+
+    # -- intake ----------------------------------------------------------------
+    def receive(self, items: Sequence[tuple[dict[str, Any], bytes]],
+                trusted: bool = False) -> list[str]:
+        """Check revisions that came from outside and record them as fetched.
+
+        Every check runs before the first write, so bad input changes nothing.
+        Returns the ids that were new. Script revisions are refused unless
+        ``trusted`` (they come from this peer's own ``versions/``).
+        """
+        new: dict[str, Revision] = {}
+        for descriptor, payload in items:
+            d = check_descriptor(descriptor)
+            rev = Revision(d, payload)
+            if rev.kind != "data" and not trusted:
+                raise UntrustedScript(
+                    f"revision {rev.id[:12]} is {rev.kind} code from another peer and is not"
+                    " signed by the sequencer: refused; nothing was changed"
+                )
+            verify_bytes(d, payload)
+            if rev.kind == "data":
+                ops = rev.ops
+                derived = sorted({op.collection for op in ops})
+                if derived != d["collections"]:
+                    raise MalformedPayload(
+                        f"revision {rev.id[:12]} declares collections {d['collections']} but"
+                        f" its ops write {derived}: refused"
+                    )
+            self._check_known(rev, new)
+            if rev.id not in self.graph:
+                new[rev.id] = rev
+        self._check_parents(new)
+        if new:
+            self.ledger.insert_many([(rev, FETCHED, None) for rev in new.values()])
+            self.ledger.audit_many([("receive", r, "ok", 0.0, {}) for r in new])
+            self.conn.commit()
+            for rev in self._topological(new):
+                self.graph.add(node_of(rev.descriptor))
+                self.partition[rev.id] = rev.partition
+                self.messages[rev.id] = rev.message
+        return list(new)
+
+    def _check_known(self, rev: Revision, batch: dict[str, Revision]) -> None:
+        d = rev.descriptor
+        known = self.ledger.row(rev.id) if rev.id in self.graph else None
+        if known is not None and known.digest != d["digest"]:
+            raise ForkedRevision(f"revision {rev.id[:12]}", known.digest, d["digest"])
+        same_slot = self.ledger.by_origin_seq(d["origin"], d["partition"], d["seq"])
+        self.conn.rollback()
+        if same_slot is not None and same_slot.id != rev.id:
+            raise ForkedRevision(f"(origin {d['origin']}, seq {d['seq']})", same_slot.digest,
+                                 d["digest"])
+        other = batch.get(rev.id)
+        if other is not None and other.descriptor["digest"] != d["digest"]:
+            raise ForkedRevision(f"revision {rev.id[:12]}", other.descriptor["digest"],
+                                 d["digest"])
+
+    def _check_parents(self, new: dict[str, Revision]) -> None:
+        for rev in new.values():
+            for parent in [*rev.parents, *rev.descriptor["depends_on"]]:
+                if parent in new:
+                    hlc = new[parent].hlc
+                elif parent in self.graph:
+                    hlc = self.graph.get(parent).hlc
+                else:
+                    raise MissingParent(rev.id, parent)
+                if tuple(rev.hlc) <= tuple(hlc):
+                    raise MalformedPayload(
+                        f"revision {rev.id[:12]} has hlc {list(rev.hlc)} not above its parent"
+                        f" {parent[:12]}'s {list(hlc)}: refused"
+                    )
+        self._topological(new)
+
+    @staticmethod
+    def _topological(new: dict[str, Revision]) -> list[Revision]:
+        """Order a batch parents-first, or raise CycleDetected."""
+        order: list[Revision] = []
+        state: dict[str, int] = {}
+        for start in new:
+            stack = [(start, iter(new[start].parents))]
+            if state.get(start):
+                continue
+            state[start] = 1
+            while stack:
+                rev_id, it = stack[-1]
+                for parent in it:
+                    if parent not in new:
+                        continue
+                    if state.get(parent) == 1:
+                        raise CycleDetected([r for r, s in state.items() if s == 1])
+                    if not state.get(parent):
+                        state[parent] = 1
+                        stack.append((parent, iter(new[parent].parents)))
+                        break
+                else:
+                    stack.pop()
+                    state[rev_id] = 2
+                    order.append(new[rev_id])
+        return order
+
+    # -- queries ---------------------------------------------------------------
+    def is_integrated(self, rev_id: str) -> bool:
+        return rev_id in self.applied
+
+    def fetched(self) -> list[str]:
+        """Return known revisions that are not applied, in canonical order."""
+        return self.graph.canonical_order(r for r in self.graph if r not in self.applied)
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _conflict_detail(conflicts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"conflicts": conflicts} if conflicts else {}
+
+
+__all__ = ["Engine", "Step", "Progress", "ProgressCallback", "TxEngineError", "INTEGRATED",
+           "FETCHED"]

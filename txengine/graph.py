@@ -1,0 +1,499 @@
+"""The revision DAG: heads, ancestry, canonical order and target syntax.
+
+The graph is pure data (ids and edges, no store), like Django's
+MigrationGraph and Alembic's RevisionMap, so it can be built from a ledger,
+a bundle or a ``versions/`` directory and tested without a database.
+
+Two kinds of edge exist. ``parents`` is the chain: it decides children,
+heads and bases, and relative walks (``+N``, ``REV-1``) follow it, as
+Alembic's ``down_revision`` does. ``depends_on`` only orders: ancestry and
+descendancy follow both, so a plan never applies a revision before what it
+depends on, but depending on a head does not stop it being a head.
+
+The write path calls :meth:`Graph.add` and :meth:`Graph.heads` on every
+write, so both stay O(1) / O(#heads) for data revisions; the barrier
+segments behind the canonical order are cached and only recomputed when a
+barrier (or a late-arriving ancestor) changes them. Every traversal is an
+explicit stack: chains are 100,000 revisions deep.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import insort
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
+
+from txengine.exceptions import (
+    AmbiguousRevision,
+    CycleDetected,
+    InvalidInput,
+    InvalidTarget,
+    MissingParent,
+    MultipleHeads,
+    RevisionNotFound,
+)
+
+#: ``[branch@][symbol](+|-)N``; ids never contain ``@ + -``, so this is unambiguous.
+_RELATIVE = re.compile(r"(?:(?P<branch>[^@]+)@)?(?P<symbol>[^@+\-]+)?(?P<delta>[+-]\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One revision as the graph sees it: its id, edges and ordering fields."""
+
+    id: str
+    parents: tuple[str, ...] = ()
+    depends_on: tuple[str, ...] = ()
+    hlc: tuple[int, int] = (0, 0)
+    origin: str = ""
+    kind: str = "data"  # "data" | "script" | "checkpoint" | "config"; the last three are barriers
+    branch_labels: tuple[str, ...] = ()
+
+    @property
+    def is_barrier(self) -> bool:
+        """Say whether this revision is a barrier (anything but a data revision)."""
+        return self.kind != "data"
+
+
+def _barrier_key(node: Node) -> tuple[tuple[int, int], str, str]:
+    return (node.hlc, node.origin, node.id)
+
+
+def _short(ids: Iterable[str]) -> str:
+    return ", ".join(i[:12] for i in ids)
+
+
+class Graph:
+    """A DAG of revisions that tolerates parents arriving after their children.
+
+    Missing parents are remembered (who referenced them) rather than refused,
+    so a bulk load may come in any order and :meth:`validate` can name the
+    revision that points at an unknown one.
+    """
+
+    def __init__(self, nodes: Iterable[Node] = ()) -> None:
+        self._nodes: dict[str, Node] = {}
+        self._children: dict[str, set[str]] = {}  # parent id -> child ids (parent may be missing)
+        self._dependents: dict[str, set[str]] = {}  # depends_on id -> dependent ids
+        self._heads: set[str] = set()
+        self._labels: dict[str, set[str]] = {}
+        self._barriers: list[str] = []  # sorted by (hlc, origin, id)
+        self._segment: dict[str, int] | None = {}  # barrier-held id -> segment; None = stale
+        for node in nodes:
+            self.add(node)
+
+    # -- building --------------------------------------------------------
+
+    def add(self, node: Node) -> None:
+        """Add a revision in O(1) amortised time (a barrier costs its new ancestry).
+
+        Re-adding an identical node is a no-op, so bulk loads may overlap.
+        """
+        rid = node.id
+        known = self._nodes.get(rid)
+        if known is not None:
+            if known == node:
+                return
+            raise InvalidInput(
+                f"revision {rid[:12]} is already in the graph with other edges or fields:"
+                " remove it first, or refuse the incoming copy as forked"
+            )
+        referenced = bool(self._children.get(rid)) or bool(self._dependents.get(rid))
+        self._nodes[rid] = node
+        if not self._children.get(rid):
+            self._heads.add(rid)
+        for parent in node.parents:
+            self._children.setdefault(parent, set()).add(rid)
+            self._heads.discard(parent)
+        for dep in node.depends_on:
+            self._dependents.setdefault(dep, set()).add(rid)
+        for label in node.branch_labels:
+            self._labels.setdefault(label, set()).add(rid)
+        if node.is_barrier:
+            self._add_barrier(node, referenced)
+        elif referenced and self._barriers:
+            # A late ancestor may belong to a barrier's segment: recompute lazily.
+            self._segment = None
+
+    def _add_barrier(self, node: Node, referenced: bool) -> None:
+        """Extend the segment cache when the barrier sorts last, else invalidate it.
+
+        The sequencer issues barriers in order, so the common case only walks
+        the new barrier's not-yet-held ancestry: linear in total.
+        """
+        last = self._barriers[-1] if self._barriers else None
+        appended = last is None or _barrier_key(self._nodes[last]) < _barrier_key(node)
+        insort(self._barriers, node.id, key=lambda b: _barrier_key(self._nodes[b]))
+        if self._segment is not None and appended and not referenced:
+            self._hold(node.id, len(self._barriers) - 1, self._segment)
+        else:
+            self._segment = None
+
+    def remove(self, rev_id: str) -> None:
+        """Remove a revision; its children keep pointing at it (a missing parent)."""
+        node = self.get(rev_id)
+        del self._nodes[rev_id]
+        self._heads.discard(rev_id)
+        for parent in node.parents:
+            kids = self._children[parent]
+            kids.discard(rev_id)
+            if not kids:
+                del self._children[parent]
+                if parent in self._nodes:
+                    self._heads.add(parent)
+        for dep in node.depends_on:
+            self._dependents[dep].discard(rev_id)
+            if not self._dependents[dep]:
+                del self._dependents[dep]
+        for label in node.branch_labels:
+            self._labels[label].discard(rev_id)
+            if not self._labels[label]:
+                del self._labels[label]
+        if node.is_barrier:
+            self._barriers.remove(rev_id)
+        self._segment = None
+
+    # -- lookup ----------------------------------------------------------
+
+    def __contains__(self, rev_id: object) -> bool:
+        return rev_id in self._nodes
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._nodes)
+
+    def get(self, rev_id: str) -> Node:
+        """Return the node for a full id, or raise RevisionNotFound."""
+        try:
+            return self._nodes[rev_id]
+        except KeyError:
+            raise RevisionNotFound(rev_id) from None
+
+    def children(self, rev_id: str) -> tuple[str, ...]:
+        """Return the revisions naming ``rev_id`` as a parent, in canonical order."""
+        self.get(rev_id)
+        return tuple(self.canonical_order(self._children.get(rev_id, ())))
+
+    def heads(self) -> list[str]:
+        """Return the revisions without children, in canonical order (kept incrementally)."""
+        return self.canonical_order(self._heads)
+
+    def bases(self) -> list[str]:
+        """Return the revisions without parents, in canonical order."""
+        return self.canonical_order(i for i, n in self._nodes.items() if not n.parents)
+
+    # -- ancestry --------------------------------------------------------
+
+    def _predecessors(self, rev_id: str) -> Iterable[str]:
+        node = self._nodes[rev_id]
+        return node.parents + node.depends_on
+
+    def _successors(self, rev_id: str) -> Iterable[str]:
+        return (*self._children.get(rev_id, ()), *self._dependents.get(rev_id, ()))
+
+    def _reach(
+        self,
+        ids: Iterable[str],
+        step: Callable[[str], Iterable[str]],
+        inclusive: bool,
+        within: set[str] | None = None,
+    ) -> set[str]:
+        """Collect what ``step`` reaches from ``ids`` (inside ``within``), each node once.
+
+        Without ``inclusive`` a start is still returned when another start reaches it.
+        """
+        starts = list(ids)
+        for rid in starts:
+            self.get(rid)
+        seen: set[str] = set(starts) if inclusive else set()
+        stack = starts
+        nodes = self._nodes if within is None else within
+        while stack:
+            for nxt in step(stack.pop()):
+                if nxt not in seen and nxt in nodes:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return seen
+
+    def ancestors(self, ids: Iterable[str], inclusive: bool = True) -> set[str]:
+        """Return everything ``ids`` needs first, through parents and depends_on."""
+        return self._reach(ids, self._predecessors, inclusive)
+
+    def descendants(self, ids: Iterable[str], inclusive: bool = True) -> set[str]:
+        """Return everything that needs one of ``ids``, through children and dependents."""
+        return self._reach(ids, self._successors, inclusive)
+
+    # -- canonical order -------------------------------------------------
+
+    def _hold(self, barrier: str, index: int, segment: dict[str, int]) -> None:
+        """Put the barrier's inclusive ancestry not yet held into segment ``index``."""
+        stack = [barrier]
+        while stack:
+            rid = stack.pop()
+            if rid in segment or rid not in self._nodes:
+                continue
+            segment[rid] = index
+            stack.extend(self._predecessors(rid))
+
+    def _segments(self) -> dict[str, int]:
+        """Return the barrier-held segments, recomputing them in linear time when stale."""
+        if self._segment is None:
+            segment: dict[str, int] = {}
+            for index, barrier in enumerate(self._barriers):
+                self._hold(barrier, index, segment)
+            self._segment = segment
+        return self._segment
+
+    def _key(self) -> Callable[[str], tuple[int, tuple[int, int], str, str]]:
+        """Bind the segment table once, so sorting pays one dict lookup per revision."""
+        segment, open_segment, get = self._segments(), len(self._barriers), self.get
+
+        def key(rev_id: str) -> tuple[int, tuple[int, int], str, str]:
+            node = get(rev_id)
+            return (segment.get(rev_id, open_segment), node.hlc, node.origin, rev_id)
+
+        return key
+
+    def sort_key(self, rev_id: str) -> tuple[int, tuple[int, int], str, str]:
+        """Return (segment, hlc, origin, id): topological because hlc grows along edges."""
+        return self._key()(rev_id)
+
+    def canonical_order(self, ids: Iterable[str] | None = None) -> list[str]:
+        """Sort ``ids`` (default: all) canonically: same set, same order, on every peer."""
+        return sorted(self._nodes if ids is None else ids, key=self._key())
+
+    # -- validation ------------------------------------------------------
+
+    def validate(self) -> list[tuple[str, str]]:
+        """Report (rev_id, message) for missing parents, dependencies and labels, and cycles.
+
+        Findings name the revision that holds the bad reference, so the fix
+        is obvious; nothing is raised, so a loader can report them all at once.
+        """
+        findings: list[tuple[str, str]] = []
+        for rid, node in self._nodes.items():
+            for parent in node.parents:
+                if parent not in self._nodes:
+                    findings.append((rid, str(MissingParent(rid, parent))))
+            for dep in node.depends_on:
+                if dep not in self._nodes:
+                    findings.append((
+                        rid,
+                        f"revision {rid[:12]} depends on {dep[:12]}, which this peer does not"
+                        " have: fetch it first (sync or bundle), then retry",
+                    ))
+        for label, owners in self._labels.items():
+            if len(owners) > 1:
+                first = min(owners)
+                findings.append((
+                    first,
+                    f"branch label {label!r} is on {len(owners)} revisions"
+                    f" ({_short(sorted(owners))}): a label must name one revision",
+                ))
+        for scc in self._cycles():
+            findings.append((min(scc), str(CycleDetected(scc))))
+        return sorted(findings)
+
+    def _cycles(self) -> list[list[str]]:
+        """Return the strongly connected components that form cycles (iterative Tarjan)."""
+        index: dict[str, int] = {}
+        low: dict[str, int] = {}
+        on_stack: set[str] = set()
+        stack: list[str] = []
+        found: list[list[str]] = []
+        for root in self._nodes:
+            if root in index:
+                continue
+            work: list[tuple[str, Iterator[str]]] = [(root, iter(self._predecessors(root)))]
+            index[root] = low[root] = len(index)
+            stack.append(root)
+            on_stack.add(root)
+            while work:
+                rid, edges = work[-1]
+                for nxt in edges:
+                    if nxt not in self._nodes:
+                        continue
+                    if nxt not in index:
+                        index[nxt] = low[nxt] = len(index)
+                        stack.append(nxt)
+                        on_stack.add(nxt)
+                        work.append((nxt, iter(self._predecessors(nxt))))
+                        break
+                    if nxt in on_stack:
+                        low[rid] = min(low[rid], index[nxt])
+                else:
+                    work.pop()
+                    if work:
+                        low[work[-1][0]] = min(low[work[-1][0]], low[rid])
+                    if low[rid] == index[rid]:
+                        scc: list[str] = []
+                        while True:
+                            member = stack.pop()
+                            on_stack.discard(member)
+                            scc.append(member)
+                            if member == rid:
+                                break
+                        if len(scc) > 1 or rid in self._predecessors(rid):
+                            found.append(sorted(scc))
+        return found
+
+    # -- targets ---------------------------------------------------------
+
+    def resolve(self, ref: str) -> str:
+        """Resolve a full id, a branch label or a unique id prefix, in that order."""
+        if ref in self._nodes:
+            return ref
+        owners = self._labels.get(ref)
+        if owners:
+            if len(owners) > 1:
+                raise AmbiguousRevision(ref, owners)
+            return next(iter(owners))
+        matches = [rid for rid in self._nodes if rid.startswith(ref)] if ref else []
+        if len(matches) > 1:
+            raise AmbiguousRevision(ref, matches)
+        if not matches:
+            raise RevisionNotFound(ref)
+        return matches[0]
+
+    def _single(self, heads: list[str], argument: str) -> str:
+        if len(heads) > 1:
+            raise MultipleHeads(heads, argument)
+        if not heads:
+            raise InvalidTarget(argument, "the graph holds no revision")
+        return heads[0]
+
+    def _lineage(self, rev_id: str) -> set[str]:
+        """Return Alembic's branch lineage: the labelled revision's ancestors and descendants."""
+        return self.ancestors([rev_id]) | self.descendants([rev_id])
+
+    def _tips(self, subset: set[str]) -> list[str]:
+        """Return the heads of the subgraph ``subset`` (members without a child in it)."""
+        tips = [r for r in subset if not any(c in subset for c in self._children.get(r, ()))]
+        return self.canonical_order(tips)
+
+    def _resolve_target(self, target: str, applied: set[str], upward: bool) -> tuple[str, ...]:
+        """Turn Alembic target syntax into revision ids; () means base."""
+        if target == "heads":
+            return tuple(self.heads())
+        if target == "head":
+            return (self._single(self.heads(), target),)
+        if target == "base":
+            return ()
+        match = _RELATIVE.fullmatch(target)
+        if match:
+            return self._resolve_relative(target, match, applied, upward)
+        branch, at, rest = target.rpartition("@")
+        if not at:
+            return (self.resolve(target),)
+        if not branch or not rest:
+            raise InvalidTarget(target, "write BRANCH@head, BRANCH@+N or BRANCH@REV")
+        labelled = self.resolve(branch)
+        if rest in ("head", "heads"):
+            below = self.descendants([labelled])
+            heads = [h for h in self.heads() if h in below]
+            return tuple(heads) if rest == "heads" else (self._single(heads, target),)
+        rev = self.resolve(rest)
+        if rev not in self._lineage(labelled):
+            raise InvalidTarget(target, f"revision {rev[:12]} is not on branch {branch!r}")
+        return (rev,)
+
+    def _resolve_relative(
+        self, target: str, match: re.Match[str], applied: set[str], upward: bool
+    ) -> tuple[str, ...]:
+        """Resolve ``[branch@][REV](+|-)N``: from REV, or from the applied heads."""
+        branch, symbol, delta = match["branch"], match["symbol"], int(match["delta"])
+        lineage = self._lineage(self.resolve(branch)) if branch else None
+        start: str | None  # None stands for base
+        if symbol is not None:
+            start = self._single(self.heads(), target) if symbol == "head" else self.resolve(symbol)
+            if lineage is not None and start not in lineage:
+                raise InvalidTarget(target, f"revision {start[:12]} is not on branch {branch!r}")
+        else:
+            if delta > 0 and not upward:
+                raise InvalidTarget(target, "a downgrade moves back: use -N or name a revision")
+            if delta < 0 and upward:
+                raise InvalidTarget(target, "an upgrade moves forward: use +N or name a revision")
+            tips = self._tips(applied if lineage is None else applied & lineage)
+            if len(tips) > 1:
+                raise MultipleHeads(tips, target)
+            start = tips[0] if tips else None
+            if start is None and delta < 0:
+                raise InvalidTarget(target, "nothing is applied, so there is nothing to undo")
+        return self._walk(target, start, delta, lineage)
+
+    def _walk(
+        self, target: str, start: str | None, steps: int, lineage: set[str] | None
+    ) -> tuple[str, ...]:
+        """Walk ``steps`` along children (up) or parents (down); every step must be unique."""
+        current = start
+        for taken in range(abs(steps)):
+            here = "base" if current is None else current[:12]
+            if steps > 0:
+                if current is None:
+                    choices = self.bases()
+                else:
+                    choices = self.canonical_order(self._children.get(current, ()))
+                if lineage is not None:
+                    choices = [c for c in choices if c in lineage]
+                if not choices:
+                    raise InvalidTarget(
+                        target, f"walked past a head after {taken} of {abs(steps)} steps"
+                    )
+            else:
+                if current is None:
+                    raise InvalidTarget(
+                        target, f"walked below base after {taken} of {abs(steps)} steps"
+                    )
+                choices = list(self._nodes[current].parents)
+                for parent in choices:
+                    if parent not in self._nodes:
+                        raise MissingParent(current, parent)
+                if not choices:
+                    current = None
+                    continue
+                choices = self.canonical_order(choices)
+            if len(choices) > 1:
+                raise InvalidTarget(
+                    target,
+                    f"step {taken + 1} from {here} has {len(choices)} choices"
+                    f" ({_short(choices)}): name one of them",
+                )
+            current = choices[0]
+        return () if current is None else (current,)
+
+    # -- plans -----------------------------------------------------------
+
+    def upgrade_plan(self, target: str, applied: Collection[str]) -> list[str]:
+        """Return the revisions to apply to reach ``target``, in canonical order."""
+        done = set(applied)
+        targets = self._resolve_target(target, done, upward=True)
+        return self.canonical_order(self.ancestors(targets) - done)
+
+    def downgrade_plan(self, target: str, applied: Collection[str]) -> list[str]:
+        """Return the applied revisions to undo to go back to ``target``, latest first.
+
+        Alembic's rule: undo the applied descendants of the target, keeping the
+        target and whatever it needs. One walk down from the targets and one
+        back up inside what it found, so the cost follows the revisions above
+        the target (linear at worst), never one ancestry walk per undone step.
+        """
+        done = set(applied)
+        targets = self._resolve_target(target, done, upward=False)
+        for rid in targets:
+            if rid not in done:
+                raise InvalidTarget(
+                    target,
+                    f"revision {rid[:12]} is not applied: downgrade moves back to an applied"
+                    " revision; use upgrade to move forward",
+                )
+        if targets:
+            above = self.descendants(targets)
+            undo = (above - self._reach(targets, self._predecessors, True, above)) & done
+        else:
+            undo = done
+        plan = self.canonical_order(undo)
+        plan.reverse()
+        return plan

@@ -1,0 +1,408 @@
+"""The ledger: descriptors, payloads, local state, undo records and the audit.
+
+It lives in the same SQL database as the data, so a revision's data, ledger
+and audit rows commit in one transaction. This module is the only writer of
+``txengine_revisions``, ``txengine_audit``, ``txengine_state`` and
+``txengine_lock``. The audit is append-only: no code path updates or deletes
+an audit row.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from .exceptions import LockTimeout, StaleLease
+from .revision import Revision
+
+# Local states of a revision on this peer.
+ANNOUNCED = "announced"
+FETCHED = "fetched"
+APPLIED = "applied"
+CONFLICTED = "conflicted"
+REFUSED = "refused"
+QUARANTINED = "quarantined"
+INTEGRATED = (APPLIED, CONFLICTED)
+
+metadata = sa.MetaData()
+
+revisions = sa.Table(
+    "txengine_revisions",
+    metadata,
+    sa.Column("id", sa.String(80), primary_key=True),
+    sa.Column("partition", sa.String(200), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("origin", sa.String(200), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("hlc_ms", sa.BigInteger, nullable=False),
+    sa.Column("hlc_c", sa.Integer, nullable=False),
+    sa.Column("parents", sa.Text, nullable=False),
+    sa.Column("depends_on", sa.Text, nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("checksum", sa.String(64), nullable=False),
+    sa.Column("collections", sa.Text, nullable=False),
+    sa.Column("branch_labels", sa.Text, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("signature", sa.Text, nullable=True),
+    sa.Column("payload", sa.LargeBinary, nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("position", sa.BigInteger, nullable=True),
+    sa.Column("undo", sa.Text, nullable=True),
+    sa.Column("keys", sa.Text, nullable=True),
+    sa.Column("stored_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("origin", "partition", "seq", name="txengine_revisions_origin_seq"),
+    sa.Index("txengine_revisions_position", "position"),
+)
+
+audit = sa.Table(
+    "txengine_audit",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("revision", sa.String(80), nullable=True, index=True),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("peer_id", sa.String(200), nullable=False),
+    sa.Column("os_user", sa.String(200), nullable=False),
+    sa.Column("at", sa.String(32), nullable=False),
+    sa.Column("duration_ms", sa.Float, nullable=False),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+)
+
+state = sa.Table(
+    "txengine_state",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+lock = sa.Table(
+    "txengine_lock",
+    metadata,
+    sa.Column("name", sa.String(50), primary_key=True),
+    sa.Column("holder", sa.String(300), nullable=False),
+    sa.Column("token", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+_DESCRIPTOR_JSON = ("parents", "depends_on", "collections", "branch_labels")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+
+
+def utc_now() -> str:
+    """Return the current UTC time as ISO 8601 with microseconds."""
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def descriptor_from_row(row: Any) -> dict[str, Any]:
+    """Rebuild a descriptor from its ledger columns (so any tampered column shows)."""
+    m = row._mapping
+    return {
+        "id": m["id"],
+        "partition": m["partition"],
+        "parents": json.loads(m["parents"]),
+        "depends_on": json.loads(m["depends_on"]),
+        "origin": m["origin"],
+        "seq": m["seq"],
+        "hlc": [m["hlc_ms"], m["hlc_c"]],
+        "message": m["message"],
+        "kind": m["kind"],
+        "checksum": m["checksum"],
+        "collections": json.loads(m["collections"]),
+        "branch_labels": json.loads(m["branch_labels"]),
+        "digest": m["digest"],
+    }
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One append-only audit row."""
+
+    seq: int
+    revision: str | None
+    action: str
+    peer_id: str
+    os_user: str
+    at: str
+    duration_ms: float
+    outcome: str
+    detail: dict[str, Any]
+
+
+@dataclass
+class Applied:
+    """What applying one revision produced, for the ledger."""
+
+    id: str
+    position: int
+    undo: list[Any] | None
+    keys: list[Any]
+    state: str = APPLIED
+
+
+class Ledger:
+    """Reads and writes the ledger tables on one SQLAlchemy connection."""
+
+    def __init__(self, conn: sa.Connection, peer_id: str) -> None:
+        self.conn = conn
+        self.peer_id = peer_id
+        self.os_user = _os_user()
+        self._lease_token: int | None = None
+        self._lease_expires = 0.0
+        self.lease_seconds = 30.0
+
+    @staticmethod
+    def create_tables(conn: sa.Connection) -> None:
+        """Create the ledger tables where missing."""
+        metadata.create_all(conn)
+
+    # -- revisions ---------------------------------------------------------
+    def insert(self, rev: Revision, state: str, applied: Applied | None = None) -> None:
+        """Record a revision (descriptor and payload), optionally as already applied."""
+        self.insert_many([(rev, state, applied)])
+
+    def insert_many(self, rows: Sequence[tuple[Revision, str, Applied | None]]) -> None:
+        """Record several revisions in one statement."""
+        now = time.time()
+        params = []
+        for rev, st, applied in rows:
+            d = rev.descriptor
+            params.append({
+                "id": d["id"], "partition": d["partition"], "kind": d["kind"],
+                "origin": d["origin"], "seq": d["seq"], "hlc_ms": d["hlc"][0],
+                "hlc_c": d["hlc"][1], "message": d["message"], "checksum": d["checksum"],
+                "digest": d["digest"], "signature": None, "payload": rev.payload,
+                **{name: _dumps(d[name]) for name in _DESCRIPTOR_JSON},
+                "state": applied.state if applied else st,
+                "position": applied.position if applied else None,
+                "undo": _dumps(applied.undo) if applied and applied.undo is not None else None,
+                "keys": _dumps(applied.keys) if applied else None,
+                "stored_at": now,
+            })
+        if params:
+            self.conn.execute(revisions.insert(), params)
+
+    def update_payload(self, rev: Revision) -> None:
+        """Replace a not-yet-applied revision's descriptor fields and payload (authored files)."""
+        d = rev.descriptor
+        self.conn.execute(
+            revisions.update().where(revisions.c.id == d["id"]).values(
+                payload=rev.payload, checksum=d["checksum"], digest=d["digest"],
+                message=d["message"], **{name: _dumps(d[name]) for name in _DESCRIPTOR_JSON},
+            )
+        )
+
+    def nodes(self) -> Iterator[Any]:
+        """Yield the light columns of every revision (no payloads, no undo)."""
+        c = revisions.c
+        yield from self.conn.execute(sa.select(
+            c.id, c.partition, c.kind, c.origin, c.seq, c.hlc_ms, c.hlc_c, c.parents,
+            c.depends_on, c.branch_labels, c.state, c.position, c.message,
+        ))
+
+    def row(self, rev_id: str) -> Any | None:
+        """Return the full ledger row of one revision."""
+        return self.conn.execute(sa.select(revisions).where(revisions.c.id == rev_id)).first()
+
+    def rows(self, ids: Sequence[str], *columns: str) -> dict[str, Any]:
+        """Return ``{id: row}`` for ``ids`` with the chosen columns, in chunks."""
+        cols = [revisions.c.id, *(revisions.c[name] for name in columns)]
+        out: dict[str, Any] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            for r in self.conn.execute(sa.select(*cols).where(revisions.c.id.in_(chunk))):
+                out[r[0]] = r
+        return out
+
+    def full_rows(self, ids: Sequence[str]) -> dict[str, Any]:
+        """Return ``{id: full row}`` for ``ids``."""
+        return self.rows(ids, *(c.name for c in revisions.c if c.name != "id"))
+
+    def all_rows(self) -> Iterator[Any]:
+        """Yield every full ledger row (for verify)."""
+        yield from self.conn.execute(sa.select(revisions).order_by(revisions.c.hlc_ms,
+                                                                   revisions.c.hlc_c))
+
+    def by_origin_seq(self, origin: str, partition: str, seq: int) -> Any | None:
+        c = revisions.c
+        return self.conn.execute(sa.select(c.id, c.digest).where(
+            c.origin == origin, c.partition == partition, c.seq == seq)).first()
+
+    def max_seq(self, origin: str) -> dict[str, int]:
+        """Return ``{partition: highest seq}`` for one origin."""
+        c = revisions.c
+        q = sa.select(c.partition, sa.func.max(c.seq)).where(c.origin == origin).group_by(
+            c.partition)
+        return {p: int(s) for p, s in self.conn.execute(q)}
+
+    def mark_applied(self, entries: Sequence[Applied]) -> None:
+        """Record revisions as applied (or conflicted) with their undo records."""
+        if not entries:
+            return
+        stmt = revisions.update().where(revisions.c.id == sa.bindparam("b_id")).values(
+            state=sa.bindparam("b_state"), position=sa.bindparam("b_position"),
+            undo=sa.bindparam("b_undo"), keys=sa.bindparam("b_keys"))
+        self.conn.execute(stmt, [
+            {"b_id": e.id, "b_state": e.state, "b_position": e.position,
+             "b_undo": None if e.undo is None else _dumps(e.undo), "b_keys": _dumps(e.keys)}
+            for e in entries
+        ])
+
+    def mark_unapplied(self, ids: Sequence[str]) -> None:
+        """Record revisions as no longer applied (their payloads stay)."""
+        if not ids:
+            return
+        stmt = revisions.update().where(revisions.c.id == sa.bindparam("b_id")).values(
+            state=FETCHED, position=None, undo=None)
+        self.conn.execute(stmt, [{"b_id": i} for i in ids])
+
+    # -- audit ---------------------------------------------------------------
+    def audit(self, action: str, revision: str | None, *, outcome: str = "ok",
+              duration_ms: float = 0.0, detail: dict[str, Any] | None = None) -> None:
+        """Append one audit row."""
+        self.audit_many([(action, revision, outcome, duration_ms, detail or {})])
+
+    def audit_many(self, rows: Iterable[tuple[str, str | None, str, float, dict[str, Any]]]
+                   ) -> None:
+        """Append several audit rows (action, revision, outcome, duration_ms, detail)."""
+        at = utc_now()
+        params = [
+            {"revision": rev, "action": action, "peer_id": self.peer_id,
+             "os_user": self.os_user, "at": at, "duration_ms": round(duration, 3),
+             "outcome": outcome, "detail": _dumps(detail)}
+            for action, rev, outcome, duration, detail in rows
+        ]
+        if params:
+            self.conn.execute(audit.insert(), params)
+
+    def audit_entries(self, revision: str | None = None) -> list[AuditEntry]:
+        """Return audit rows, oldest first; with ``revision``, those that name it."""
+        q = sa.select(audit).order_by(audit.c.seq)
+        if revision is not None:
+            q = q.where(audit.c.revision == revision)
+        return [
+            AuditEntry(r.seq, r.revision, r.action, r.peer_id, r.os_user, r.at,
+                       r.duration_ms, r.outcome, json.loads(r.detail))
+            for r in self.conn.execute(q)
+        ]
+
+    # -- state ---------------------------------------------------------------
+    def get_state(self, name: str) -> str | None:
+        return self.conn.execute(sa.select(state.c.value).where(state.c.name == name)).scalar()
+
+    def set_state(self, name: str, value: str) -> None:
+        if self.get_state(name) is None:
+            self.conn.execute(state.insert().values(name=name, value=value))
+        else:
+            self.conn.execute(state.update().where(state.c.name == name).values(value=value))
+
+    # -- the apply lease -----------------------------------------------------
+    def _holder(self) -> str:
+        return f"{self.peer_id}@{socket.gethostname()}:{os.getpid()}"
+
+    @staticmethod
+    def _holder_dead(holder: str) -> bool:
+        """Tell whether a holder on this host is a process that no longer runs."""
+        host, _, pid = holder.rpartition("@")[2].rpartition(":")
+        if host != socket.gethostname() or not pid.isdigit():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return int(pid) != os.getpid() and _is_zombie(int(pid))
+
+    def acquire_lease(self, wait: float = 10.0) -> bool:
+        """Take (or renew) the apply lease; return True when another holder had it since.
+
+        The lease has an expiry, so a killed process cannot hold it forever, and
+        a fencing token that grows with each new holder, so a stale holder finds
+        out before it writes. A holder on this host whose process is gone is
+        replaced at once.
+        """
+        now = time.time()
+        if self._lease_token is not None and now < self._lease_expires - 5.0:
+            return False
+        deadline = time.monotonic() + wait
+        holder = self._holder()
+        while True:
+            row = self.conn.execute(sa.select(lock).where(lock.c.name == "apply")).first()
+            now = time.time()
+            if row is None:
+                token = 1
+                self.conn.execute(lock.insert().values(
+                    name="apply", holder=holder, token=token, expires_at=now + self.lease_seconds))
+                changed = True
+            elif row.holder == holder and row.token == self._lease_token:
+                token = row.token
+                self.conn.execute(lock.update().where(
+                    lock.c.name == "apply", lock.c.token == token).values(
+                    expires_at=now + self.lease_seconds))
+                changed = False
+            elif row.expires_at < now or row.holder == holder or self._holder_dead(row.holder):
+                token = row.token + 1
+                result = self.conn.execute(lock.update().where(
+                    lock.c.name == "apply", lock.c.token == row.token).values(
+                    holder=holder, token=token, expires_at=now + self.lease_seconds))
+                if result.rowcount != 1:
+                    self.conn.rollback()
+                    continue
+                changed = True
+            else:
+                self.conn.rollback()
+                if time.monotonic() > deadline:
+                    raise LockTimeout(row.holder, wait)
+                time.sleep(0.05)
+                continue
+            self.conn.commit()
+            self._lease_token = token
+            self._lease_expires = now + self.lease_seconds
+            return changed
+
+    def check_lease(self) -> None:
+        """Raise StaleLease when this process's lease has run out."""
+        if self._lease_token is None or time.time() >= self._lease_expires:
+            raise StaleLease(
+                "the apply lease expired before this write: another process may have written;"
+                " retry the command"
+            )
+
+    def release_lease(self) -> None:
+        """Give the lease back so another process need not wait for its expiry."""
+        if self._lease_token is None:
+            return
+        try:
+            self.conn.rollback()
+            self.conn.execute(lock.update().where(
+                lock.c.name == "apply", lock.c.token == self._lease_token).values(expires_at=0.0))
+            self.conn.commit()
+        finally:
+            self._lease_token = None
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False

@@ -1,0 +1,273 @@
+"""The op vocabulary: intent only, with inverses, write sets and pure semantics.
+
+An op's outcome depends only on its own document, so ops are applied as pure
+functions from a document state ``(doc, incarnation)`` to the next state.
+Stores only read and write whole states; the SQL and MongoDB stores, bulk
+replay and the in-memory overlay of an open transaction all share
+:func:`apply_op`, which is what makes every replica compute the same result.
+
+Values inside ops are relaxed Extended JSON (see :mod:`txengine.values`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .exceptions import InvalidInput, MalformedPayload, ReservedCollection, UnknownOp
+from .values import check_key, from_ejson, key_text, to_ejson
+
+SELF = "self"
+"""The incarnation a document has inside the revision that created it."""
+
+_COLLECTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+State = tuple[dict[str, Any] | None, str | None]
+"""A document state: (document or None when missing, incarnation or None)."""
+
+
+def check_collection(name: Any) -> str:
+    """Return ``name`` after refusing reserved or malformed collection names."""
+    if not isinstance(name, str):
+        raise MalformedPayload(f"collection name {name!r} is not a string")
+    if name.lower().startswith("txengine_") or name.startswith("system."):
+        raise ReservedCollection(name)
+    if not _COLLECTION.match(name):
+        raise InvalidInput(
+            f"collection name {name!r} is not valid: use letters, digits and _,"
+            " starting with a letter or _ (at most 63 characters)"
+        )
+    return name
+
+
+def _check_fields(fields: Any, what: str) -> None:
+    for name in fields:
+        if not isinstance(name, str) or not name or name.startswith("$") or "." in name:
+            raise InvalidInput(
+                f"field name {name!r} in {what} is not valid: top-level names only,"
+                " without '.' or a leading '$'"
+            )
+        if name == "_id":
+            raise InvalidInput(f"{what} cannot change _id: delete and insert instead")
+
+
+@dataclass(frozen=True)
+class Insert:
+    """Insert ``doc`` (its ``_id`` is the key); over an existing document, replace it."""
+
+    collection: str
+    doc: dict[str, Any]
+
+    @property
+    def key(self) -> Any:
+        return self.doc["_id"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": "insert", "collection": self.collection, "doc": self.doc}
+
+    def inverse(self) -> Op:
+        return Delete(self.collection, self.key, expect=SELF, before=self.doc)
+
+
+@dataclass(frozen=True)
+class Update:
+    """Set, unset and increment fields of the document ``key``.
+
+    ``expect`` names the incarnation the update was written against; on another
+    incarnation, or a missing document, the update does nothing and is recorded
+    as a conflict. ``before`` holds the touched fields' values at write time
+    (absent fields were missing), which is what the rendered downgrade uses.
+    """
+
+    collection: str
+    key: Any
+    set: dict[str, Any] = field(default_factory=dict)
+    unset: tuple[str, ...] = ()
+    inc: dict[str, Any] = field(default_factory=dict)
+    expect: str | None = None
+    before: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": "update", "collection": self.collection, "key": self.key}
+        if self.set:
+            out["set"] = self.set
+        if self.unset:
+            out["unset"] = list(self.unset)
+        if self.inc:
+            out["inc"] = self.inc
+        if self.expect is not None:
+            out["expect"] = self.expect
+        if self.before is not None:
+            out["before"] = self.before
+        return out
+
+    def inverse(self) -> Op:
+        before = self.before or {}
+        restore = {f: before[f] for f in [*self.set, *self.unset] if f in before}
+        drop = tuple(f for f in self.set if f not in before)
+        inc = {f: _negate(v) for f, v in self.inc.items()}
+        return Update(self.collection, self.key, set=restore, unset=drop, inc=inc,
+                      expect=self.expect)
+
+
+@dataclass(frozen=True)
+class Delete:
+    """Delete the document ``key`` if it still has the incarnation ``expect``."""
+
+    collection: str
+    key: Any
+    expect: str | None = None
+    before: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": "delete", "collection": self.collection, "key": self.key}
+        if self.expect is not None:
+            out["expect"] = self.expect
+        if self.before is not None:
+            out["before"] = self.before
+        return out
+
+    def inverse(self) -> Op:
+        if self.before is None:
+            raise InvalidInput(
+                f"delete of {self.collection}/{self.key!r} has no before image to restore"
+            )
+        return Insert(self.collection, self.before)
+
+
+Op = Insert | Update | Delete
+
+
+def _negate(value: Any) -> Any:
+    return to_ejson(-from_ejson(value))
+
+
+def _number(value: Any, what: str) -> int | float:
+    number = from_ejson(value)
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise InvalidInput(f"inc needs numbers, got {value!r} for {what}")
+    return number
+
+
+def _expect(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise MalformedPayload(f"expect must be an incarnation id (a string), got {value!r}")
+    return value
+
+
+def _dict(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedPayload(f"{what} must be an object, got {value!r}")
+    return value
+
+
+_OP_FIELDS = {
+    "insert": {"op", "collection", "doc"},
+    "update": {"op", "collection", "key", "set", "unset", "inc", "expect", "before"},
+    "delete": {"op", "collection", "key", "expect", "before"},
+}
+
+
+def op_from_json(data: Any) -> Op:
+    """Build an op from its JSON form, refusing anything malformed or reserved."""
+    if not isinstance(data, dict):
+        raise MalformedPayload(f"an op must be a JSON object, got {data!r}")
+    name = data.get("op")
+    if name not in _OP_FIELDS:
+        raise UnknownOp(name)
+    extra = set(data) - _OP_FIELDS[name]
+    if extra:
+        raise MalformedPayload(f"{name} op has unknown fields {sorted(extra)}")
+    collection = check_collection(data.get("collection"))
+    if name == "insert":
+        doc = data.get("doc")
+        if not isinstance(doc, dict) or "_id" not in doc:
+            raise MalformedPayload("an insert needs a doc object with an _id")
+        _check_fields([k for k in doc if k != "_id"], "doc")
+        return Insert(collection, {**doc, "_id": check_key(doc["_id"])})
+    if "key" not in data:
+        raise MalformedPayload(f"a {name} op needs a key")
+    key = check_key(data["key"])
+    expect = _expect(data.get("expect"))
+    if name == "delete":
+        before = data.get("before")
+        if before is not None and not isinstance(before, dict):
+            raise MalformedPayload("delete before must be an object")
+        return Delete(collection, key, expect=expect, before=before)
+    set_ = _dict(data.get("set"), "set")
+    inc = _dict(data.get("inc"), "inc")
+    unset = data.get("unset") or []
+    if not isinstance(unset, list):
+        raise MalformedPayload(f"unset must be a list of field names, got {unset!r}")
+    _check_fields(set_, "set")
+    _check_fields(unset, "unset")
+    _check_fields(inc, "inc")
+    for f, v in inc.items():
+        _number(v, f)
+    touched = [*set_, *unset, *inc]
+    if len(set(touched)) != len(touched):
+        raise InvalidInput("an update may name each field once across set, unset and inc")
+    if not touched:
+        raise InvalidInput("an update needs at least one field in set, unset or inc")
+    before = data.get("before")
+    if before is not None and not isinstance(before, dict):
+        raise MalformedPayload("update before must be an object")
+    return Update(collection, key, set=set_, unset=tuple(unset), inc=inc, expect=expect,
+                  before=before)
+
+
+def write_key(op: Op) -> tuple[str, str]:
+    """Return the (collection, key text) an op writes: the unit of conflict."""
+    return op.collection, key_text(op.key)
+
+
+def write_set(ops: list[Op]) -> list[tuple[str, str]]:
+    """Return the distinct keys ``ops`` write, in first-touch order (derived, never trusted)."""
+    seen: dict[tuple[str, str], None] = {}
+    for op in ops:
+        seen.setdefault(write_key(op), None)
+    return list(seen)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one op on one document state."""
+
+    state: State
+    conflict: str | None = None
+
+
+def _matches(expect: str | None, incarnation: str | None, revision: str) -> bool:
+    if expect is None:
+        return True
+    return (revision if expect == SELF else expect) == incarnation
+
+
+def apply_op(op: Op, state: State, revision: str) -> Outcome:
+    """Apply ``op`` to a document state inside revision ``revision``.
+
+    Pure: the same op on the same state gives the same outcome on every peer.
+    """
+    doc, incarnation = state
+    if isinstance(op, Insert):
+        conflict = "replaced an existing document" if doc is not None else None
+        return Outcome((dict(op.doc), revision), conflict)
+    if doc is None:
+        return Outcome(state, f"{type(op).__name__.lower()} of a missing document")
+    if not _matches(op.expect, incarnation, revision):
+        return Outcome(state, "written against another incarnation")
+    if isinstance(op, Delete):
+        return Outcome((None, None))
+    new = dict(doc)
+    new.update(op.set)
+    for f in op.unset:
+        new.pop(f, None)
+    for f, amount in op.inc.items():
+        current = from_ejson(new.get(f, 0))
+        if isinstance(current, bool) or not isinstance(current, (int, float)):
+            return Outcome(state, f"inc of non-numeric field {f!r}")
+        new[f] = to_ejson(current + from_ejson(amount))
+    return Outcome((new, incarnation))

@@ -1,0 +1,191 @@
+"""Revisions: a light descriptor plus a payload, and the digests that bind them.
+
+* ``checksum`` is the SHA-256 of the payload bytes;
+* ``digest`` is the SHA-256 of the canonical descriptor without ``digest``
+  (and, for a data revision, without ``id``): it covers the parents' ids, so
+  the graph is a Merkle chain, as in git;
+* a data revision's ``id`` is its digest. Script, checkpoint and config
+  revisions keep the id they were authored with (frozen into their file).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from .exceptions import ChecksumMismatch, DigestMismatch, MalformedPayload, OversizePayload
+from .ops import Op, op_from_json
+from .values import canonical, sha256
+
+KINDS = ("data", "script", "checkpoint", "config")
+BARRIER_KINDS = frozenset({"script", "checkpoint", "config"})
+DEFAULT_PARTITION = "default"
+MAX_PAYLOAD_BYTES = 1_048_576
+MAX_DESCRIPTOR_BYTES = 4096
+RESERVED_ID_CHARS = frozenset("@+-:, \t\n")
+
+FIELDS = (
+    "id", "partition", "parents", "depends_on", "origin", "seq", "hlc", "message", "kind",
+    "checksum", "collections", "branch_labels", "digest",
+)
+
+
+def compute_digest(descriptor: dict[str, Any]) -> str:
+    """Return the digest of a descriptor: SHA-256 of its canonical form without ``digest``."""
+    body = {k: v for k, v in descriptor.items() if k != "digest"}
+    if body.get("kind") == "data":
+        body.pop("id", None)
+    return sha256(canonical(body))
+
+
+def check_id(rev_id: Any) -> str:
+    """Refuse ids that are empty or hold characters the target syntax reserves."""
+    if not isinstance(rev_id, str) or not rev_id or RESERVED_ID_CHARS & set(rev_id):
+        raise MalformedPayload(
+            f"revision id {rev_id!r} is not valid: use letters, digits and _ (no @ + - : ,)"
+        )
+    return rev_id
+
+
+def encode_ops(ops: list[Op]) -> bytes:
+    """Return the canonical payload bytes of a data revision."""
+    return canonical([op.to_json() for op in ops])
+
+
+def decode_ops(payload: bytes, limit: int = MAX_PAYLOAD_BYTES) -> list[Op]:
+    """Parse and check a data payload; refuse anything malformed, unknown or too big."""
+    if len(payload) > limit:
+        raise OversizePayload(len(payload), limit)
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedPayload(f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(data, list):
+        raise MalformedPayload("a data payload must be a JSON list of ops")
+    return [op_from_json(item) for item in data]
+
+
+@dataclass(frozen=True)
+class Revision:
+    """An immutable unit of change: descriptor + payload."""
+
+    descriptor: dict[str, Any]
+    payload: bytes
+
+    @property
+    def id(self) -> str:
+        return self.descriptor["id"]
+
+    @property
+    def kind(self) -> str:
+        return self.descriptor["kind"]
+
+    @property
+    def parents(self) -> tuple[str, ...]:
+        return tuple(self.descriptor["parents"])
+
+    @property
+    def hlc(self) -> tuple[int, int]:
+        ms, counter = self.descriptor["hlc"]
+        return ms, counter
+
+    @property
+    def partition(self) -> str:
+        return self.descriptor["partition"]
+
+    @property
+    def message(self) -> str:
+        return self.descriptor["message"]
+
+    @cached_property
+    def ops(self) -> list[Op]:
+        """The op list of a data revision (empty for other kinds)."""
+        return decode_ops(self.payload) if self.kind == "data" else []
+
+    def verify(self) -> None:
+        """Raise unless checksum, digest and (for data) id match the bytes."""
+        verify_bytes(self.descriptor, self.payload)
+
+
+def verify_bytes(descriptor: dict[str, Any], payload: bytes) -> None:
+    """Check a descriptor against its payload; raise naming the revision on mismatch."""
+    rev_id = str(descriptor.get("id", "?"))
+    actual = sha256(payload)
+    if actual != descriptor.get("checksum"):
+        raise ChecksumMismatch(rev_id, str(descriptor.get("checksum")), actual)
+    digest = compute_digest(descriptor)
+    if digest != descriptor.get("digest"):
+        raise DigestMismatch(rev_id, str(descriptor.get("digest")), digest)
+    if descriptor.get("kind") == "data" and rev_id != digest:
+        raise DigestMismatch(rev_id, rev_id, digest)
+
+
+def check_descriptor(descriptor: Any) -> dict[str, Any]:
+    """Check the shape of a descriptor that arrived from outside; return it."""
+    if not isinstance(descriptor, dict):
+        raise MalformedPayload("a descriptor must be a JSON object")
+    missing = [f for f in FIELDS if f not in descriptor]
+    extra = set(descriptor) - set(FIELDS)
+    if missing or extra:
+        raise MalformedPayload(
+            f"descriptor fields wrong: missing {missing}, unexpected {sorted(extra)}"
+        )
+    d = descriptor
+    if d["kind"] not in KINDS:
+        raise MalformedPayload(f"unknown revision kind {d['kind']!r}: use one of {KINDS}")
+    check_id(d["id"])
+    for name in ("parents", "depends_on", "collections", "branch_labels"):
+        if not isinstance(d[name], list) or not all(isinstance(x, str) for x in d[name]):
+            raise MalformedPayload(f"descriptor {name} must be a list of strings")
+    hlc = d["hlc"]
+    if (not isinstance(hlc, list) or len(hlc) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in hlc)):
+        raise MalformedPayload(f"descriptor hlc must be [ms, counter], got {hlc!r}")
+    if not isinstance(d["seq"], int) or isinstance(d["seq"], bool) or d["seq"] < 1:
+        raise MalformedPayload(f"descriptor seq must be a positive integer, got {d['seq']!r}")
+    for name in ("partition", "origin", "message", "checksum", "digest"):
+        if not isinstance(d[name], str):
+            raise MalformedPayload(f"descriptor {name} must be a string")
+    if len(canonical(d)) > MAX_DESCRIPTOR_BYTES:
+        raise MalformedPayload(f"descriptor exceeds {MAX_DESCRIPTOR_BYTES} bytes")
+    return d
+
+
+def build(
+    *,
+    kind: str,
+    payload: bytes,
+    partition: str,
+    parents: list[str],
+    origin: str,
+    seq: int,
+    hlc: tuple[int, int],
+    message: str,
+    collections: list[str] = (),  # type: ignore[assignment]
+    depends_on: list[str] = (),  # type: ignore[assignment]
+    branch_labels: list[str] = (),  # type: ignore[assignment]
+    rev_id: str | None = None,
+) -> Revision:
+    """Assemble a revision and compute its checksum, digest and (for data) id."""
+    descriptor: dict[str, Any] = {
+        "id": rev_id or "",
+        "partition": partition,
+        "parents": sorted(parents),
+        "depends_on": sorted(depends_on),
+        "origin": origin,
+        "seq": seq,
+        "hlc": [hlc[0], hlc[1]],
+        "message": message,
+        "kind": kind,
+        "checksum": sha256(payload),
+        "collections": sorted(set(collections)),
+        "branch_labels": sorted(branch_labels),
+    }
+    descriptor["digest"] = compute_digest(descriptor)
+    if kind == "data":
+        descriptor["id"] = descriptor["digest"]
+    else:
+        check_id(descriptor["id"])
+    return Revision(descriptor, payload)

@@ -1,0 +1,45 @@
+"""The store contract: what the engine needs from where a peer's data lives.
+
+A store reads and writes whole document states — ``(doc, incarnation)`` —
+and nothing else; op semantics live in :mod:`txengine.ops` so that every
+store kind computes the same result. Capability flags let the contract suite
+skip what a store cannot do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Protocol
+
+from ..ops import State
+
+
+class Store(Protocol):
+    """A peer's data store (SQL through SQLAlchemy, later MongoDB)."""
+
+    kind: str
+    """``"sql"`` or ``"mongo"``: the store kinds an authored script declares."""
+    transactional: bool
+    """True when data, ledger and audit writes commit in one transaction."""
+
+    def load_states(self, partition: str, collection: str,
+                    keys: Iterable[str]) -> dict[str, State]:
+        """Return the state of each key (text form) that exists; missing keys are absent."""
+        ...
+
+    def write_states(self, partition: str, collection: str,
+                     states: Mapping[str, State]) -> None:
+        """Write final states: a ``None`` doc deletes the document."""
+        ...
+
+    def documents(self, partition: str, collection: str) -> Iterator[dict[str, Any]]:
+        """Yield every document of a collection in a partition (Extended JSON)."""
+        ...
+
+    def snapshot(self) -> dict[tuple[str, str, str], State]:
+        """Return every document state of every synced collection (for tests and verify)."""
+        ...
+
+    def collections(self) -> list[str]:
+        """Return the names of the collections holding documents."""
+        ...
