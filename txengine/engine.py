@@ -31,7 +31,15 @@ from .exceptions import (
     UntrustedScript,
 )
 from .graph import Graph, Node
-from .ledger import APPLIED, FETCHED, INTEGRATED, Applied, Ledger, descriptor_from_row
+from .ledger import (
+    APPLIED,
+    FETCHED,
+    INTEGRATED,
+    Applied,
+    Ledger,
+    descriptor_from_row,
+    payload_of,
+)
 from .ops import Op, State, apply_op, write_key
 from .revision import Revision, check_descriptor, decode_ops, verify_bytes
 from .stores.sql import SqlStore
@@ -275,7 +283,7 @@ class Engine:
                 return {("*",)}
             if row.keys is not None:
                 return {(row.partition, *k) for k in json.loads(row.keys)}
-            return {(row.partition, *write_key(op)) for op in decode_ops(row.payload)}
+            return {(row.partition, *write_key(op)) for op in decode_ops(payload_of(row))}
 
         dirty: set[tuple[str, ...]] = set()
         redo = []
@@ -337,7 +345,7 @@ class Engine:
         for step in batch:
             row = rows[step.revision]
             if step.action == "apply":
-                rev = Revision(descriptor_from_row(row), row.payload)
+                rev = Revision(descriptor_from_row(row), payload_of(row))
                 rev.verify()
                 position = self.next_position + len(positions)
                 if rev.kind == "data":
@@ -355,7 +363,7 @@ class Engine:
                         self._undo_data(work, row.partition, json.loads(row.undo))
                 else:
                     work.flush()
-                    self._script(Revision(descriptor_from_row(row), row.payload), "downgrade")
+                    self._script(Revision(descriptor_from_row(row), payload_of(row)), "downgrade")
                 unapplied.append(step.revision)
                 removed.append(step.revision)
             elif step.action == "stamp":

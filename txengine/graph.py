@@ -280,19 +280,18 @@ class Graph:
                     findings.append((rid, str(MissingParent(rid, parent))))
             for dep in node.depends_on:
                 if dep not in self._nodes:
-                    findings.append((
-                        rid,
+                    message = (
                         f"revision {rid[:12]} depends on {dep[:12]}, which this peer does not"
-                        " have: fetch it first (sync or bundle), then retry",
-                    ))
+                        " have: fetch it first (sync or bundle), then retry"
+                    )
+                    findings.append((rid, message))
         for label, owners in self._labels.items():
             if len(owners) > 1:
-                first = min(owners)
-                findings.append((
-                    first,
+                message = (
                     f"branch label {label!r} is on {len(owners)} revisions"
-                    f" ({_short(sorted(owners))}): a label must name one revision",
-                ))
+                    f" ({_short(sorted(owners))}): a label must name one revision"
+                )
+                findings.append((min(owners), message))
         for scc in self._cycles():
             findings.append((min(scc), str(CycleDetected(scc))))
         return sorted(findings)
@@ -430,39 +429,31 @@ class Graph:
         """Walk ``steps`` along children (up) or parents (down); every step must be unique."""
         current = start
         for taken in range(abs(steps)):
-            here = "base" if current is None else current[:12]
-            if steps > 0:
-                if current is None:
-                    choices = self.bases()
-                else:
-                    choices = self.canonical_order(self._children.get(current, ()))
-                if lineage is not None:
-                    choices = [c for c in choices if c in lineage]
-                if not choices:
-                    raise InvalidTarget(
-                        target, f"walked past a head after {taken} of {abs(steps)} steps"
-                    )
-            else:
-                if current is None:
-                    raise InvalidTarget(
-                        target, f"walked below base after {taken} of {abs(steps)} steps"
-                    )
-                choices = list(self._nodes[current].parents)
-                for parent in choices:
-                    if parent not in self._nodes:
-                        raise MissingParent(current, parent)
-                if not choices:
-                    current = None
-                    continue
-                choices = self.canonical_order(choices)
+            if steps < 0 and current is None:
+                raise InvalidTarget(target, f"walked below base after {taken} of {-steps} steps")
+            choices = self._step(current, steps > 0, lineage)
+            if steps > 0 and not choices:
+                raise InvalidTarget(target, f"walked past a head after {taken} of {steps} steps")
             if len(choices) > 1:
+                here = "base" if current is None else current[:12]
                 raise InvalidTarget(
                     target,
                     f"step {taken + 1} from {here} has {len(choices)} choices"
                     f" ({_short(choices)}): name one of them",
                 )
-            current = choices[0]
+            current = choices[0] if choices else None
         return () if current is None else (current,)
+
+    def _step(self, current: str | None, up: bool, lineage: set[str] | None) -> list[str]:
+        """Return where one step goes: children (bases from base) up, parents down."""
+        if not up:
+            assert current is not None
+            for parent in self._nodes[current].parents:
+                if parent not in self._nodes:
+                    raise MissingParent(current, parent)
+            return self.canonical_order(self._nodes[current].parents)
+        choices = self.bases() if current is None else self.children(current)
+        return [c for c in choices if lineage is None or c in lineage]
 
     # -- plans -----------------------------------------------------------
 

@@ -132,6 +132,14 @@ def descriptor_from_row(row: Any) -> dict[str, Any]:
     }
 
 
+def payload_of(row: Any) -> bytes:
+    """Return a row's payload as bytes, even when someone stored it back as text."""
+    value = row._mapping["payload"]
+    if value is None:
+        return b""
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     """One append-only audit row."""

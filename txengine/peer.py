@@ -25,7 +25,7 @@ from .exceptions import (
     PinnedPeer,
     TxEngineError,
 )
-from .ledger import AuditEntry, Ledger, descriptor_from_row
+from .ledger import AuditEntry, Ledger, descriptor_from_row, payload_of
 from .ops import Delete, Insert, Op, Update, op_from_json
 from .revision import DEFAULT_PARTITION, Revision, check_descriptor, verify_bytes
 from .stores.sql import SqlStore, configure_engine, create_engine
@@ -317,7 +317,7 @@ class Peer:
         rev_id = self.resolve(ref)
         row = self._ledger.row(rev_id)
         self._conn.rollback()
-        return Revision(descriptor_from_row(row), row.payload)
+        return Revision(descriptor_from_row(row), payload_of(row))
 
     def show(self, ref: str) -> RevisionDetail:
         """Return a revision with its rendered script."""
@@ -449,9 +449,9 @@ class Peer:
             checked += 1
             d = descriptor_from_row(row)
             try:
-                verify_bytes(d, row.payload)
+                verify_bytes(d, payload_of(row))
                 if d["kind"] == "data":
-                    Revision(d, row.payload).ops  # noqa: B018 - parse to check
+                    Revision(d, payload_of(row)).ops  # noqa: B018 - parse to check
             except TxEngineError as exc:
                 findings.append(Finding(row.id, str(exc)))
         self._conn.rollback()
@@ -490,7 +490,7 @@ class Peer:
             if rev_id not in self._engine.applied:
                 continue
             row = self._ledger.row(rev_id)
-            if row is not None and row.payload != script.revision.payload:
+            if row is not None and payload_of(row) != script.revision.payload:
                 findings.append(Finding(rev_id, (
                     f"authored script {script.path} changed after it was applied (checksum"
                     f" {script.revision.descriptor['checksum'][:12]}, applied"
