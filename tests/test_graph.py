@@ -522,3 +522,28 @@ def test_heads_ancestors_and_plans_agree_with_brute_force(
         kept = applied - set(undo)
         assert all(graph.ancestors([rid]) <= kept for rid in kept)
         assert undo == list(reversed(graph.canonical_order(undo)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from("abcdefgh"), st.lists(st.sampled_from("abcdefghz"))))
+def test_validate_finds_exactly_the_cycles_brute_force_finds(edges: dict[str, list[str]]) -> None:
+    """Any parent edges at all (z is always missing): each cycle is reported once, whole."""
+    graph = Graph(Node(rid, tuple(dict.fromkeys(parents))) for rid, parents in edges.items())
+
+    def reaches(a: str, b: str) -> bool:
+        return b in graph.ancestors(p for p in graph.get(a).parents if p in graph)
+
+    on_cycle = {rid for rid in edges if reaches(rid, rid)}
+    expected = sorted(
+        {min(o for o in on_cycle if reaches(r, o) and reaches(o, r)) for r in on_cycle}
+    )
+    cycles = [rid for rid, message in graph.validate() if "form a cycle" in message]
+    assert cycles == expected
+
+
+def test_validate_of_a_100k_chain_with_a_cycle_at_its_base_is_iterative() -> None:
+    """r0 <-> r1 - r2 - ... - r99999: one finding, no recursion."""
+    graph = _chain(100_000)
+    graph.remove("r0")
+    graph.add(Node("r0", ("r1",), hlc=(1, 0)))
+    assert [rid for rid, _ in graph.validate()] == ["r0"]

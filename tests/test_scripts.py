@@ -1,4 +1,4 @@
-"""Rendering revision scripts and loading them back: data scripts with ast, authored ones by import."""
+"""Rendering revision scripts and loading them back (data scripts by ast, code by import)."""
 
 from __future__ import annotations
 
@@ -48,13 +48,14 @@ ADA = data_revision([
 
 # -- strategies: relaxed Extended JSON values and ops -------------------------------------
 
+safe_ints = st.integers(min_value=-(2**53 - 1), max_value=2**53 - 1)
 field_names = st.text(min_size=1, max_size=8).filter(
     lambda s: not s.startswith("$") and "." not in s and s != "_id")
 oids = st.binary(min_size=12, max_size=12).map(lambda b: {"$oid": b.hex()})
 big_ints = st.integers(min_value=2**53 + 1, max_value=2**80).flatmap(
     lambda n: st.sampled_from([n, -n])).map(lambda n: {"$numberLong": str(n)})
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**53), max_value=2**53),
+    st.none(), st.booleans(), safe_ints,
     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12), oids, big_ints,
 )
 values = st.recursive(
@@ -62,7 +63,7 @@ values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(field_names, inner, max_size=3),
     max_leaves=8,
 )
-keys = st.one_of(st.integers(min_value=-(2**53), max_value=2**53), st.text(max_size=8), oids)
+keys = st.one_of(safe_ints, st.text(max_size=8), oids)
 collections = st.sampled_from(["customers", "orders", "_private"])
 expects = st.none() | st.sampled_from(["self", "b" * 64])
 docs = st.dictionaries(field_names, values, max_size=4)
@@ -310,14 +311,15 @@ def test_duplicate_revision_ids_are_refused(tmp_path):
 def test_non_literal_header_names_the_file(tmp_path):
     path = tmp_path / "x_bad.py"
     path.write_text(render_authored(**AUTHORED).replace('seq": 3', 'seq": SEQ'))
-    with pytest.raises(MalformedPayload, match=r"x_bad\.py:\d+: header txengine must be a literal: name 'SEQ'"):
+    match = r"x_bad\.py:\d+: header txengine must be a literal: name 'SEQ' is not a literal"
+    with pytest.raises(MalformedPayload, match=match):
         load_versions(tmp_path)
 
 
 def test_malformed_frozen_descriptor_names_the_file(tmp_path):
     path = tmp_path / "x_bad.py"
     path.write_text(render_authored(**AUTHORED).replace('"seq": 3', '"seq": 0'))
-    with pytest.raises(MalformedPayload, match=r"x_bad\.py:\d+: header txengine seq must be"):
+    with pytest.raises(MalformedPayload, match=r"x_bad\.py: descriptor seq must be a positive"):
         load_authored(path)
 
 
@@ -346,3 +348,10 @@ def test_payload_json_is_what_the_script_shows():
     """Sanity: the loaded payload decodes to the ops the script names, in order."""
     loaded = load_data(render_data(ADA))
     assert [item["op"] for item in json.loads(loaded.payload)] == ["insert", "update"]
+
+
+def test_big_integral_float_round_trips():
+    """Canonical JSON writes 6.38e16 as bare digits; loading must not turn it into a bad int."""
+    rev = data_revision([Insert("customers", {"_id": 1, "f": 6.38018990114013e16, "g": 0.5})])
+    assert '"f": 63801899011401300' in render_data(rev)
+    assert load_data(render_data(rev)) == rev

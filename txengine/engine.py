@@ -23,6 +23,7 @@ from typing import Any
 
 from .clock import Clock, Hlc
 from .exceptions import (
+    ChecksumMismatch,
     CycleDetected,
     ForkedRevision,
     MalformedPayload,
@@ -43,6 +44,7 @@ from .ledger import (
 from .ops import Op, State, apply_op, write_key
 from .revision import Revision, check_descriptor, decode_ops, verify_bytes
 from .stores.sql import SqlStore
+from .values import sha256
 
 Key = tuple[str, str, str]
 """A document's identity: (partition, collection, key text)."""
@@ -67,7 +69,7 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
-ScriptRunner = Callable[[Revision, str], None]
+ScriptRunner = Callable[[Revision, str], "str | None"]
 
 
 @dataclass
@@ -179,7 +181,8 @@ class Engine:
         work = _Work(self.store, dict(preloaded))
         started = time.perf_counter()
         try:
-            applied, conflicts = self._apply_data(work, rev, ops, self.next_position)
+            applied, conflicts = self._apply_data(work, rev.id, rev.partition, ops,
+                                                  self.next_position)
             work.flush()
             self.ledger.insert(rev, APPLIED, applied)
             self.ledger.audit("apply", rev.id, duration_ms=_ms(started),
@@ -195,9 +198,8 @@ class Engine:
         self.next_position += 1
         self._mark_applied(rev.id, applied.position)
 
-    def _apply_data(self, work: _Work, rev: Revision, ops: list[Op], position: int
-                    ) -> tuple[Applied, list[dict[str, Any]]]:
-        partition = rev.partition
+    def _apply_data(self, work: _Work, rev_id: str, partition: str, ops: list[Op],
+                    position: int) -> tuple[Applied, list[dict[str, Any]]]:
         keys = [(partition, *write_key(op)) for op in ops]
         work.preload(keys)
         undo: list[Any] = []
@@ -208,14 +210,14 @@ class Engine:
             if k not in seen:
                 seen.add(k)
                 undo.append([k[1], k[2], state[0], state[1]])
-            outcome = apply_op(op, state, rev.id)
+            outcome = apply_op(op, state, rev_id)
             if outcome.conflict:
                 conflicts.append({"collection": k[1], "key": k[2], "reason": outcome.conflict,
                                   "op": op.to_json(), "current": state[0]})
             if outcome.state is not state:
                 work.states[k] = outcome.state
                 work.dirty.add(k)
-        return Applied(rev.id, position, undo, [[u[0], u[1]] for u in undo]), conflicts
+        return Applied(rev_id, position, undo, [[u[0], u[1]] for u in undo]), conflicts
 
     @staticmethod
     def _undo_data(work: _Work, partition: str, undo: list[Any]) -> None:
@@ -336,34 +338,51 @@ class Engine:
         started = time.perf_counter()
         self.ledger.check_lease()
         ids = [s.revision for s in batch]
-        rows = self.ledger.full_rows(ids)
+        columns = ["kind", "partition", "undo"]
+        if any(s.action == "apply" for s in batch):
+            columns += ["payload", "checksum"]
+        rows = self.ledger.rows(ids, *columns)
         applied: list[Applied] = []
         unapplied: list[str] = []
         audit: list[tuple[str, str | None, str, float, dict[str, Any]]] = []
         positions: dict[str, int] = {}
         removed: list[str] = []
+        ops_of: dict[str, list[Op]] = {}
+        for step in batch:
+            row = rows[step.revision]
+            if step.action == "apply" and row.kind == "data":
+                payload = payload_of(row)
+                actual = sha256(payload)
+                if actual != row.checksum:
+                    raise ChecksumMismatch(row.id, row.checksum, actual)
+                ops_of[row.id] = decode_ops(payload, trusted=True)
+        work.preload((rows[r].partition, *write_key(op)) for r, ops in ops_of.items()
+                     for op in ops)
         for step in batch:
             row = rows[step.revision]
             if step.action == "apply":
-                rev = Revision(descriptor_from_row(row), payload_of(row))
-                rev.verify()
                 position = self.next_position + len(positions)
-                if rev.kind == "data":
-                    entry, conflicts = self._apply_data(work, rev, rev.ops, position)
-                    audit += [("conflict", rev.id, "conflict", 0.0, c) for c in conflicts]
+                if row.kind == "data":
+                    entry, conflicts = self._apply_data(work, row.id, row.partition,
+                                                        ops_of[row.id], position)
+                    audit += [("conflict", row.id, "conflict", 0.0, c) for c in conflicts]
                 else:
                     work.flush()
-                    self._script(rev, "upgrade")
-                    entry = Applied(rev.id, position, [], [])
+                    note = self._script(self._verified(row.id), "upgrade")
+                    if note:
+                        audit.append(("skip", row.id, "skipped", 0.0, {"reason": note}))
+                    entry = Applied(row.id, position, [], [])
                 applied.append(entry)
-                positions[rev.id] = position
+                positions[row.id] = position
             elif step.action == "undo":
                 if row.kind == "data":
                     if row.undo is not None:
                         self._undo_data(work, row.partition, json.loads(row.undo))
                 else:
                     work.flush()
-                    self._script(Revision(descriptor_from_row(row), payload_of(row)), "downgrade")
+                    note = self._script(self._verified(row.id), "downgrade")
+                    if note:
+                        audit.append(("skip", row.id, "skipped", 0.0, {"reason": note}))
                 unapplied.append(step.revision)
                 removed.append(step.revision)
             elif step.action == "stamp":
@@ -392,13 +411,20 @@ class Engine:
             self._mark_applied(rev_id, position)
         self.next_position += len(positions)
 
-    def _script(self, rev: Revision, direction: str) -> None:
+    def _verified(self, rev_id: str) -> Revision:
+        """Return a revision from the ledger after checking its checksum and digest."""
+        row = self.ledger.row(rev_id)
+        rev = Revision(descriptor_from_row(row), payload_of(row))
+        rev.verify()
+        return rev
+
+    def _script(self, rev: Revision, direction: str) -> str | None:
         if self.run_script is None:
             raise UntrustedScript(
                 f"revision {rev.id} is a {rev.kind} revision and this peer has no script"
                 " location: set script_location in alembic.ini"
             )
-        self.run_script(rev, direction)
+        return self.run_script(rev, direction)
 
     # -- intake ----------------------------------------------------------------
     def receive(self, items: Sequence[tuple[dict[str, Any], bytes]],
@@ -439,6 +465,10 @@ class Engine:
                 self.graph.add(node_of(rev.descriptor))
                 self.partition[rev.id] = rev.partition
                 self.messages[rev.id] = rev.message
+                if rev.descriptor["origin"] == self.origin:
+                    self.seqs[rev.partition] = max(self.seqs.get(rev.partition, 0),
+                                                   rev.descriptor["seq"])
+                    self.clock.absorb(rev.hlc)
         return list(new)
 
     def _check_known(self, rev: Revision, batch: dict[str, Revision]) -> None:

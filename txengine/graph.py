@@ -64,6 +64,15 @@ def _short(ids: Iterable[str]) -> str:
     return ", ".join(i[:12] for i in ids)
 
 
+def _unlink(index: dict[str, set[str]], key: str, rev_id: str) -> bool:
+    """Drop ``rev_id`` from ``index[key]``; say whether ``key`` was left with nothing."""
+    index[key].discard(rev_id)
+    if index[key]:
+        return False
+    del index[key]
+    return True
+
+
 class Graph:
     """A DAG of revisions that tolerates parents arriving after their children.
 
@@ -135,21 +144,13 @@ class Graph:
         node = self.get(rev_id)
         del self._nodes[rev_id]
         self._heads.discard(rev_id)
-        for parent in node.parents:
-            kids = self._children[parent]
-            kids.discard(rev_id)
-            if not kids:
-                del self._children[parent]
-                if parent in self._nodes:
-                    self._heads.add(parent)
-        for dep in node.depends_on:
-            self._dependents[dep].discard(rev_id)
-            if not self._dependents[dep]:
-                del self._dependents[dep]
-        for label in node.branch_labels:
-            self._labels[label].discard(rev_id)
-            if not self._labels[label]:
-                del self._labels[label]
+        for parent in set(node.parents):
+            if _unlink(self._children, parent, rev_id) and parent in self._nodes:
+                self._heads.add(parent)
+        for dep in set(node.depends_on):
+            _unlink(self._dependents, dep, rev_id)
+        for label in set(node.branch_labels):
+            _unlink(self._labels, label, rev_id)
         if node.is_barrier:
             self._barriers.remove(rev_id)
         self._segment = None
@@ -297,44 +298,44 @@ class Graph:
         return sorted(findings)
 
     def _cycles(self) -> list[list[str]]:
-        """Return the strongly connected components that form cycles (iterative Tarjan)."""
+        """Return the strongly connected components that form cycles (iterative Tarjan).
+
+        Tarjan is linear, so a large bundle with a cycle low in the chain is
+        reported as fast as a sound one is accepted.
+        """
         index: dict[str, int] = {}
         low: dict[str, int] = {}
-        on_stack: set[str] = set()
+        depth: dict[str, int] = {}  # position on ``stack`` while on it
         stack: list[str] = []
+        work: list[tuple[str, Iterator[str]]] = []
         found: list[list[str]] = []
+
+        def push(rid: str) -> None:
+            index[rid] = low[rid] = len(index)
+            depth[rid] = len(stack)
+            stack.append(rid)
+            work.append((rid, iter(self._predecessors(rid))))
+
         for root in self._nodes:
-            if root in index:
-                continue
-            work: list[tuple[str, Iterator[str]]] = [(root, iter(self._predecessors(root)))]
-            index[root] = low[root] = len(index)
-            stack.append(root)
-            on_stack.add(root)
+            if root not in index:
+                push(root)
             while work:
                 rid, edges = work[-1]
                 for nxt in edges:
-                    if nxt not in self._nodes:
-                        continue
-                    if nxt not in index:
-                        index[nxt] = low[nxt] = len(index)
-                        stack.append(nxt)
-                        on_stack.add(nxt)
-                        work.append((nxt, iter(self._predecessors(nxt))))
+                    if nxt in self._nodes and nxt not in index:
+                        push(nxt)
                         break
-                    if nxt in on_stack:
+                    if nxt in depth:
                         low[rid] = min(low[rid], index[nxt])
                 else:
                     work.pop()
                     if work:
                         low[work[-1][0]] = min(low[work[-1][0]], low[rid])
                     if low[rid] == index[rid]:
-                        scc: list[str] = []
-                        while True:
-                            member = stack.pop()
-                            on_stack.discard(member)
-                            scc.append(member)
-                            if member == rid:
-                                break
+                        scc = stack[depth[rid] :]
+                        del stack[depth[rid] :]
+                        for member in scc:
+                            del depth[member]
                         if len(scc) > 1 or rid in self._predecessors(rid):
                             found.append(sorted(scc))
         return found

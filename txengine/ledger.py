@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from .exceptions import LockTimeout, StaleLease
 from .revision import Revision
+from .stores.sql import placeholder, raw_cursor
 
 # Local states of a revision on this peer.
 ANNOUNCED = "announced"
@@ -94,6 +95,11 @@ lock = sa.Table(
 )
 
 _DESCRIPTOR_JSON = ("parents", "depends_on", "collections", "branch_labels")
+_INSERT_COLUMNS = (
+    "id", "partition", "kind", "origin", "seq", "hlc_ms", "hlc_c", "parents", "depends_on",
+    "message", "checksum", "collections", "branch_labels", "digest", "signature", "payload",
+    "state", "position", "undo", "keys", "stored_at",
+)
 
 
 def _dumps(value: Any) -> str:
@@ -176,6 +182,17 @@ class Ledger:
         self._lease_token: int | None = None
         self._lease_expires = 0.0
         self.lease_seconds = 30.0
+        ph = placeholder(conn)
+        self._sql = {
+            "insert": f"INSERT INTO txengine_revisions ({', '.join(_INSERT_COLUMNS)})"
+                      f" VALUES ({', '.join([ph] * len(_INSERT_COLUMNS))})",
+            "applied": f"UPDATE txengine_revisions SET state = {ph}, position = {ph},"
+                       f" undo = {ph}, keys = {ph} WHERE id = {ph}",
+            "unapplied": f"UPDATE txengine_revisions SET state = {ph}, position = NULL,"
+                         f" undo = NULL WHERE id = {ph}",
+            "audit": "INSERT INTO txengine_audit (revision, action, peer_id, os_user, at,"
+                     f" duration_ms, outcome, detail) VALUES ({', '.join([ph] * 8)})",
+        }
 
     @staticmethod
     def create_tables(conn: sa.Connection) -> None:
@@ -193,20 +210,19 @@ class Ledger:
         params = []
         for rev, st, applied in rows:
             d = rev.descriptor
-            params.append({
-                "id": d["id"], "partition": d["partition"], "kind": d["kind"],
-                "origin": d["origin"], "seq": d["seq"], "hlc_ms": d["hlc"][0],
-                "hlc_c": d["hlc"][1], "message": d["message"], "checksum": d["checksum"],
-                "digest": d["digest"], "signature": None, "payload": rev.payload,
-                **{name: _dumps(d[name]) for name in _DESCRIPTOR_JSON},
-                "state": applied.state if applied else st,
-                "position": applied.position if applied else None,
-                "undo": _dumps(applied.undo) if applied and applied.undo is not None else None,
-                "keys": _dumps(applied.keys) if applied else None,
-                "stored_at": now,
-            })
+            params.append((
+                d["id"], d["partition"], d["kind"], d["origin"], d["seq"], d["hlc"][0],
+                d["hlc"][1], _dumps(d["parents"]), _dumps(d["depends_on"]), d["message"],
+                d["checksum"], _dumps(d["collections"]), _dumps(d["branch_labels"]),
+                d["digest"], None, rev.payload,
+                applied.state if applied else st,
+                applied.position if applied else None,
+                _dumps(applied.undo) if applied and applied.undo is not None else None,
+                _dumps(applied.keys) if applied else None,
+                now,
+            ))
         if params:
-            self.conn.execute(revisions.insert(), params)
+            raw_cursor(self.conn).executemany(self._sql["insert"], params)
 
     def update_payload(self, rev: Revision) -> None:
         """Replace a not-yet-applied revision's descriptor fields and payload (authored files)."""
@@ -236,7 +252,7 @@ class Ledger:
         out: dict[str, Any] = {}
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
-            for r in self.conn.execute(sa.select(*cols).where(revisions.c.id.in_(chunk))):
+            for r in self.conn.execute(sa.select(*cols).where(revisions.c.id.in_(chunk))).all():
                 out[r[0]] = r
         return out
 
@@ -263,24 +279,16 @@ class Ledger:
 
     def mark_applied(self, entries: Sequence[Applied]) -> None:
         """Record revisions as applied (or conflicted) with their undo records."""
-        if not entries:
-            return
-        stmt = revisions.update().where(revisions.c.id == sa.bindparam("b_id")).values(
-            state=sa.bindparam("b_state"), position=sa.bindparam("b_position"),
-            undo=sa.bindparam("b_undo"), keys=sa.bindparam("b_keys"))
-        self.conn.execute(stmt, [
-            {"b_id": e.id, "b_state": e.state, "b_position": e.position,
-             "b_undo": None if e.undo is None else _dumps(e.undo), "b_keys": _dumps(e.keys)}
-            for e in entries
-        ])
+        if entries:
+            raw_cursor(self.conn).executemany(self._sql["applied"], [
+                (e.state, e.position, None if e.undo is None else _dumps(e.undo),
+                 _dumps(e.keys), e.id) for e in entries])
 
     def mark_unapplied(self, ids: Sequence[str]) -> None:
         """Record revisions as no longer applied (their payloads stay)."""
-        if not ids:
-            return
-        stmt = revisions.update().where(revisions.c.id == sa.bindparam("b_id")).values(
-            state=FETCHED, position=None, undo=None)
-        self.conn.execute(stmt, [{"b_id": i} for i in ids])
+        if ids:
+            raw_cursor(self.conn).executemany(self._sql["unapplied"],
+                                              [(FETCHED, i) for i in ids])
 
     # -- audit ---------------------------------------------------------------
     def audit(self, action: str, revision: str | None, *, outcome: str = "ok",
@@ -293,13 +301,12 @@ class Ledger:
         """Append several audit rows (action, revision, outcome, duration_ms, detail)."""
         at = utc_now()
         params = [
-            {"revision": rev, "action": action, "peer_id": self.peer_id,
-             "os_user": self.os_user, "at": at, "duration_ms": round(duration, 3),
-             "outcome": outcome, "detail": _dumps(detail)}
+            (rev, action, self.peer_id, self.os_user, at, round(duration, 3), outcome,
+             _dumps(detail))
             for action, rev, outcome, duration, detail in rows
         ]
         if params:
-            self.conn.execute(audit.insert(), params)
+            raw_cursor(self.conn).executemany(self._sql["audit"], params)
 
     def audit_entries(self, revision: str | None = None) -> list[AuditEntry]:
         """Return audit rows, oldest first; with ``revision``, those that name it."""

@@ -219,6 +219,18 @@ def op_from_json(data: Any) -> Op:
                   before=before)
 
 
+def op_from_trusted(data: dict[str, Any]) -> Op:
+    """Build an op from JSON that already passed :func:`op_from_json` (no checks)."""
+    name = data["op"]
+    if name == "insert":
+        return Insert(data["collection"], data["doc"])
+    if name == "update":
+        return Update(data["collection"], data["key"], data.get("set") or {},
+                      tuple(data.get("unset") or ()), data.get("inc") or {},
+                      data.get("expect"), data.get("before"))
+    return Delete(data["collection"], data["key"], data.get("expect"), data.get("before"))
+
+
 def write_key(op: Op) -> tuple[str, str]:
     """Return the (collection, key text) an op writes: the unit of conflict."""
     return op.collection, key_text(op.key)

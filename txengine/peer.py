@@ -22,6 +22,7 @@ from .exceptions import (
     InvalidInput,
     IrreversibleRevision,
     MalformedPayload,
+    MultipleHeads,
     PinnedPeer,
     TxEngineError,
 )
@@ -143,6 +144,7 @@ class Peer:
             self._engine = Engine(self._store, self._ledger, self.origin,
                                   scripts=self._run_script, batch_size=batch_size)
             self._scripts: dict[str, Any] = {}
+            self._pinned: bool | None = None
             if self.script_location is not None:
                 self._load_scripts()
         except BaseException:
@@ -193,18 +195,27 @@ class Peer:
     @property
     def pinned(self) -> bool:
         """True after a local downgrade, until ``upgrade heads``: writes are refused."""
-        value = self._ledger.get_state("pinned") == "1"
-        self._conn.rollback()
-        return value
+        if self._pinned is None:
+            self._pinned = self._ledger.get_state("pinned") == "1"
+            self._conn.rollback()
+        return self._pinned
+
+    def _set_pinned(self, value: bool, detail: dict[str, Any]) -> None:
+        self._ledger.set_state("pinned", "1" if value else "0")
+        self._ledger.audit("pin" if value else "unpin", None, detail=detail)
+        self._conn.commit()
+        self._pinned = value
 
     def _before_write(self) -> None:
+        self._take_lease()
         if self.pinned:
             raise PinnedPeer()
-        self._take_lease()
 
     def _take_lease(self) -> None:
+        """Hold the apply lease; reload what another process may have changed meanwhile."""
         if self._ledger.acquire_lease():
             self._engine.load()
+            self._pinned = None
 
     def transaction(self, message: str, partition: str = DEFAULT_PARTITION) -> Transaction:
         """Start a write: every op inside the ``with`` block becomes one data revision."""
@@ -213,7 +224,8 @@ class Peer:
     def _commit_ops(self, message: str, partition: str, ops: list[Op],
                     original: dict[Any, Any]) -> Revision:
         rev = build_data_revision(self, message, partition, ops)
-        self._engine.commit_new(rev, ops, original)
+        # Apply the decoded payload, exactly what every replica applies (1.0 is 1 there).
+        self._engine.commit_new(rev, rev.ops, original)
         return rev
 
     def write(self, message: str, ops: Sequence[dict[str, Any]],
@@ -360,9 +372,7 @@ class Peer:
         """Apply the revisions up to ``target`` in canonical order; unpin when complete."""
         result = self._execute("upgrade", target, progress)
         if self.pinned and not self._engine.fetched():
-            self._ledger.set_state("pinned", "0")
-            self._ledger.audit("unpin", None)
-            self._conn.commit()
+            self._set_pinned(False, {"target": target})
         return result
 
     def downgrade(self, target: str, progress: ProgressCallback | None = None
@@ -370,9 +380,7 @@ class Peer:
         """Undo applied revisions back to ``target``; the peer stays pinned there."""
         result = self._execute("downgrade", target, progress)
         if result.undone:
-            self._ledger.set_state("pinned", "1")
-            self._ledger.audit("pin", None, detail={"target": target})
-            self._conn.commit()
+            self._set_pinned(True, {"target": target})
         return result
 
     def stamp(self, target: str) -> OperationResult:
@@ -464,6 +472,61 @@ class Peer:
         return VerifyReport(checked, findings)
 
     # -- authored scripts ------------------------------------------------------------
+    def new_script(self, message: str, *, head: str | None = None, splice: bool = False,
+                   branch_label: Sequence[str] = (), rev_id: str | None = None,
+                   depends_on: Sequence[str] = (), stores: Sequence[str] = ("sql", "mongo"),
+                   partition: str = DEFAULT_PARTITION) -> Path:
+        """Write a new authored script revision into the script location (``revision -m``).
+
+        Its descriptor (id, parents, hlc, origin, seq) is frozen into the file
+        header, so every peer that loads the file gets the same revision. With
+        no ``head``, the new script takes every head of the partition as parent
+        (it merges them, where Alembic would ask for ``--head``).
+        """
+        import datetime as _dt
+
+        from .scripts import load_authored, render_authored, script_filename
+
+        if self.script_location is None:
+            raise ConfigError("no script location: set script_location in alembic.ini")
+        graph = self._engine.graph
+        own = [h for h in graph.heads() if self._engine.partition[h] == partition]
+        if head is None or head == "heads":
+            parents = own
+        elif head == "base":
+            parents = []
+        elif head == "head":
+            if len(own) > 1:
+                raise MultipleHeads(own, head)
+            parents = own
+        else:
+            parent = graph.upgrade_plan(head, ())[-1] if head.endswith("@head") else (
+                graph.resolve(head))
+            if not splice and graph.children(parent):
+                raise InvalidInput(
+                    f"revision {parent[:12]} is not a head: pass --splice to branch from it"
+                )
+            parents = [parent]
+        rev_id = rev_id or secrets.token_hex(6)
+        if rev_id in graph:
+            raise InvalidInput(f"revision id {rev_id!r} already exists: choose another --rev-id")
+        text = render_authored(
+            rev_id=rev_id, message=message, parents=sorted(parents),
+            branch_labels=list(branch_label), depends_on=[graph.resolve(d) for d in depends_on],
+            hlc=self._engine.hlc_for(parents), origin=self.origin,
+            seq=self._engine.next_seq(partition), stores=list(stores), partition=partition,
+            create_date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        )
+        self.script_location.mkdir(parents=True, exist_ok=True)
+        path = self.script_location / script_filename(rev_id, message)
+        path.write_text(text, "utf-8")
+        script = load_authored(path)
+        self._take_lease()
+        self._engine.receive([(script.revision.descriptor, script.revision.payload)],
+                             trusted=True)
+        self._scripts[rev_id] = script
+        return path
+
     def _load_scripts(self) -> None:
         from .scripts import load_versions
 
@@ -498,10 +561,10 @@ class Peer:
         self._conn.rollback()
         return findings
 
-    def _run_script(self, rev: Revision, direction: str) -> None:
-        from .scripts import run_authored
+    def _run_script(self, rev: Revision, direction: str) -> str | None:
+        from .runner import run_authored
 
-        run_authored(self, rev, direction)
+        return run_authored(self, rev, direction)
 
     def documents(self, collection: str, partition: str = DEFAULT_PARTITION
                   ) -> Iterator[dict[str, Any]]:

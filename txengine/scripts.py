@@ -18,12 +18,14 @@ import importlib.resources
 import importlib.util
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import jinja2
+import rfc8785
 
 from .exceptions import InvalidInput, MalformedPayload, NonLiteralScript
 from .revision import FIELDS, Revision, build, check_descriptor, check_id, decode_ops
@@ -32,13 +34,10 @@ from .values import canonical
 DATA_MARKER = "# txengine: data revision"
 """The line that tells a rendered data script apart from authored code in ``versions/``."""
 
-_OP_KWARGS = {
-    "insert": (),
-    "update": ("set", "unset", "inc", "expect", "before"),
-    "delete": ("expect", "before"),
-}
 _OP_POSITIONAL = {"insert": ("collection", "doc"), "update": ("collection", "key"),
                   "delete": ("collection", "key")}
+_OP_KWARGS = {"insert": (), "update": ("set", "unset", "inc", "expect", "before"),
+              "delete": ("expect", "before")}
 _DATA_HEADERS = ("revision", "down_revision", "branch_labels", "depends_on", "descriptor")
 _AUTHORED_HEADERS = ("revision", "down_revision", "branch_labels", "depends_on", "txengine")
 _TXENGINE_KEYS = ("hlc", "origin", "seq", "partition", "stores")
@@ -62,14 +61,17 @@ def _template_source(name: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FunctionLoader(_template_source),
-        keep_trailing_newline=True,
-        autoescape=False,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        undefined=jinja2.StrictUndefined,
+    """Build the template environment; the filters turn values into Python source."""
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(_template_source), keep_trailing_newline=True,
+        autoescape=False, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
     )
+    env.filters.update(
+        py=_py, doc=functools.partial(_py_str, docstring=True), hlc=_hlc_text,
+        down_revision=functools.partial(_ids_literal, single=True),
+        ids=functools.partial(_ids_literal, single=False),
+    )
+    return env
 
 
 # -- Python literals --------------------------------------------------------------------
@@ -100,9 +102,7 @@ def _py_str(text: str, docstring: bool = False) -> str:
 
 def _py(value: Any) -> str:
     """Render a JSON value as a Python literal, keeping dict order (the payload's)."""
-    if value is None or isinstance(value, bool):
-        return repr(value)
-    if isinstance(value, (int, float)):
+    if value is None or isinstance(value, (bool, int, float)):
         return repr(value)
     if isinstance(value, str):
         return _py_str(value)
@@ -113,7 +113,7 @@ def _py(value: Any) -> str:
     raise MalformedPayload(f"cannot render a value of type {type(value).__name__}")
 
 
-def _ids_literal(ids: list[str] | tuple[str, ...], single: bool) -> str:
+def _ids_literal(ids: Sequence[str], single: bool) -> str:
     """Render ids as Alembic does: None, a string (one parent) or a tuple."""
     if not ids:
         return "None"
@@ -149,34 +149,20 @@ def render_data(revision: Revision) -> str:
     if d.get("kind") != "data":
         raise InvalidInput(f"revision {str(d.get('id'))[:12]} is a {d.get('kind')!r} revision;"
                            " only data revisions render from their payload")
+    ops = revision.ops  # decoding checks the payload before anything is rendered
     items = json.loads(revision.payload)
-    decode_ops(revision.payload)
     irreversible = ""
     downgrades = []
     try:
-        for op in reversed(revision.ops):
+        for op in reversed(ops):
             downgrades.append(_call(json.loads(canonical(op.inverse().to_json()))))
     except InvalidInput as exc:
         irreversible = _py_str(str(exc), docstring=True).replace("\n", " ")
     fields = [k for k in FIELDS if k in d] + sorted(set(d) - set(FIELDS))
     descriptor = "{\n" + "".join(f"    {_py_str(k)}: {_py(d[k])},\n" for k in fields) + "}"
-    parents = list(d["parents"])
     return _environment().get_template("data_revision.py.jinja2").render(
-        message=_py_str(d["message"], docstring=True),
-        rev_id=_py_str(d["id"], docstring=True),
-        revises=_py_str(", ".join(parents), docstring=True),
-        partition=_py_str(d["partition"], docstring=True),
-        hlc=_hlc_text(d["hlc"]),
-        origin=_py_str(d["origin"], docstring=True),
-        marker=DATA_MARKER,
-        revision=_py_str(d["id"]),
-        down_revision=_ids_literal(parents, single=True),
-        branch_labels=_ids_literal(d.get("branch_labels", []), single=False),
-        depends_on=_ids_literal(d.get("depends_on", []), single=False),
-        descriptor=descriptor,
-        upgrades=[_call(item) for item in items],
-        downgrades=downgrades,
-        irreversible=irreversible,
+        d=d, marker=DATA_MARKER, descriptor=descriptor, upgrades=[_call(i) for i in items],
+        downgrades=downgrades, irreversible=irreversible,
     )
 
 
@@ -204,14 +190,21 @@ def _describe(node: ast.AST) -> str:
     return f"{type(node).__name__} expression is not a literal"
 
 
+def _float_text(value: int) -> bool:
+    try:
+        return rfc8785.dumps(float(value)) == str(value).encode()
+    except (OverflowError, rfc8785.CanonicalizationError):
+        return False
+
+
 def _json_value(node: ast.AST, path: str) -> Any:
     """Convert a literal node to JSON; stricter than ``literal_eval`` (no tuples, sets, bytes)."""
     if isinstance(node, ast.Constant):
         value = node.value
-        if type(value) is int and abs(value) > _MAX_JSON_INT and float(value) == value:
-            # Canonical JSON writes an integral float such as 2.0**60 without a fraction,
-            # so it reads back as an int that RFC 8785 refuses; as a float it encodes
-            # to the very same digits.
+        if type(value) is int and abs(value) > _MAX_JSON_INT and _float_text(value):
+            # Canonical JSON writes a big integral float (1e20) without a fraction, so
+            # it reads back as an int that RFC 8785 refuses; as a float it encodes to
+            # the very same digits.
             return float(value)
         if value is None or isinstance(value, (bool, int, str)):
             return value
@@ -278,7 +271,7 @@ def _parse(text: str, path: str) -> ast.Module:
         raise NonLiteralScript(path, exc.lineno or 1, f"syntax error: {exc.msg}") from exc
 
 
-def _header_ids(value: Any, name: str, path: str, line: int) -> tuple[str, ...]:
+def _header_ids(value: Any, line: int, name: str, path: str) -> tuple[str, ...]:
     """Normalize an Alembic-style id header (None, a string, a tuple or list) to a tuple."""
     if value is None:
         return ()
@@ -300,9 +293,9 @@ def _data_header(found: dict[str, ast.Assign], descriptor: dict[str, Any], path:
             node = found[name]
             try:
                 value = ast.literal_eval(node.value)
-            except ValueError:
+            except (ValueError, TypeError, SyntaxError, RecursionError):
                 raise _refuse(path, node.value, _describe(node.value)) from None
-            if _header_ids(value, name, path, node.lineno) != tuple(want or ()):
+            if _header_ids(value, node.lineno, name, path) != tuple(want or ()):
                 raise _refuse(path, node, f"header {name} does not match the descriptor")
 
 
@@ -397,18 +390,9 @@ def script_filename(rev_id: str, message: str) -> str:
 
 
 def render_authored(
-    *,
-    rev_id: str,
-    message: str,
-    parents: list[str] | tuple[str, ...],
-    branch_labels: list[str] | tuple[str, ...],
-    depends_on: list[str] | tuple[str, ...],
-    hlc: tuple[int, int],
-    origin: str,
-    seq: int,
-    stores: list[str] | tuple[str, ...],
-    partition: str = "default",
-    create_date: _dt.datetime | str,
+    *, rev_id: str, message: str, parents: Sequence[str], branch_labels: Sequence[str],
+    depends_on: Sequence[str], hlc: tuple[int, int], origin: str, seq: int,
+    stores: Sequence[str], partition: str = "default", create_date: _dt.datetime | str,
 ) -> str:
     """Render a new script revision with Alembic's header plus the frozen ``txengine`` literal."""
     for ref in (rev_id, *parents, *depends_on):
@@ -419,15 +403,8 @@ def render_authored(
     frozen = {"hlc": [hlc[0], hlc[1]], "origin": origin, "seq": seq, "partition": partition,
               "stores": list(stores)}
     return _environment().get_template("script_revision.py.jinja2").render(
-        message=_py_str(message, docstring=True),
-        rev_id=_py_str(rev_id, docstring=True),
-        revises=_py_str(", ".join(parents), docstring=True),
-        create_date=_py_str(str(create_date), docstring=True),
-        revision=_py_str(rev_id),
-        down_revision=_ids_literal(tuple(parents), single=True),
-        branch_labels=_ids_literal(tuple(branch_labels), single=False),
-        depends_on=_ids_literal(tuple(depends_on), single=False),
-        txengine=_py(frozen),
+        rev_id=rev_id, message=message, parents=list(parents), branch_labels=branch_labels,
+        depends_on=depends_on, create_date=str(create_date), txengine=frozen,
     )
 
 
@@ -444,7 +421,7 @@ def _authored_header(tree: ast.Module, path: str) -> dict[str, tuple[Any, int]]:
         if not isinstance(target, ast.Name) or target.id not in _AUTHORED_HEADERS:
             continue
         if target.id in found:
-            raise _refuse(path, stmt, f"header {target.id} is assigned twice")
+            raise MalformedPayload(f"{path}:{stmt.lineno}: header {target.id} is assigned twice")
         try:
             found[target.id] = (ast.literal_eval(value), stmt.lineno)
         except (ValueError, TypeError, SyntaxError, RecursionError):
@@ -454,35 +431,19 @@ def _authored_header(tree: ast.Module, path: str) -> dict[str, tuple[Any, int]]:
 
 
 def _frozen(value: Any, path: str, line: int) -> dict[str, Any]:
-    """Check the ``txengine = {...}`` literal; fill the default partition."""
-    def bad(what: str) -> MalformedPayload:
-        return MalformedPayload(f"{path}:{line}: header txengine {what}")
-
-    if not isinstance(value, dict):
-        raise bad("must be a dict")
-    unknown = sorted(set(value) - set(_TXENGINE_KEYS))
-    if unknown:
-        raise bad(f"has unknown keys {unknown}")
-    frozen = {"partition": "default", **value}
-    missing = [k for k in _TXENGINE_KEYS if k not in frozen]
-    if missing:
-        raise bad(f"is missing {missing}")
-    hlc, seq, stores = frozen["hlc"], frozen["seq"], frozen["stores"]
-
-    def count(x: Any) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-    if not isinstance(hlc, (list, tuple)) or len(hlc) != 2 or not all(count(x) for x in hlc):
-        raise bad(f"hlc must be [ms, counter], got {hlc!r}")
-    if not count(seq) or seq < 1:
-        raise bad(f"seq must be a positive integer, got {seq!r}")
-    for name in ("origin", "partition"):
-        if not isinstance(frozen[name], str) or not frozen[name]:
-            raise bad(f"{name} must be a non-empty string")
+    """Check the ``txengine = {...}`` keys and stores; :func:`build` users check the rest."""
+    required = set(_TXENGINE_KEYS) - {"partition"}
+    if not isinstance(value, dict) or not required <= set(value) <= set(_TXENGINE_KEYS):
+        raise MalformedPayload(f"{path}:{line}: header txengine must be a dict with the keys"
+                               f" {', '.join(_TXENGINE_KEYS)} (partition is optional)")
+    stores, hlc = value["stores"], value["hlc"]
     if (not isinstance(stores, (list, tuple)) or not stores
             or not all(isinstance(s, str) and s for s in stores)):
-        raise bad(f"stores must be a non-empty list of store kinds, got {stores!r}")
-    return frozen
+        raise MalformedPayload(f"{path}:{line}: header txengine stores must be a non-empty list"
+                               f" of store kinds, got {stores!r}")
+    if not isinstance(hlc, (list, tuple)) or len(hlc) != 2:
+        raise MalformedPayload(f"{path}:{line}: header txengine hlc must be [ms, counter]")
+    return {"partition": "default", **value}
 
 
 def load_authored(path: Path) -> AuthoredScript:
@@ -504,27 +465,23 @@ def load_authored(path: Path) -> AuthoredScript:
     for name in ("revision", "txengine"):
         if name not in header:
             raise MalformedPayload(f"{where}: script revision has no {name} = ... header")
-    rev_id, line = header["revision"]
-    if not isinstance(rev_id, str):
-        raise MalformedPayload(f"{where}:{line}: header revision must be a string")
-    refs: dict[str, tuple[str, ...]] = {}
-    for name in ("down_revision", "branch_labels", "depends_on"):
-        value, at = header.get(name, (None, line))
-        refs[name] = _header_ids(value, name, where, at)
+    refs = {name: _header_ids(*header.get(name, (None, 1)), name, where)
+            for name in ("down_revision", "branch_labels", "depends_on")}
+    frozen = _frozen(*header["txengine"], where)
+    doc = (ast.get_docstring(tree) or "").strip()
     try:
-        for ref in (rev_id, *refs["down_revision"], *refs["depends_on"]):
+        for ref in (header["revision"][0], *refs["down_revision"], *refs["depends_on"]):
             check_id(ref)
+        revision = build(
+            kind="script", rev_id=header["revision"][0], payload=payload,
+            parents=list(refs["down_revision"]), depends_on=list(refs["depends_on"]),
+            branch_labels=list(refs["branch_labels"]), hlc=(frozen["hlc"][0], frozen["hlc"][1]),
+            origin=frozen["origin"], seq=frozen["seq"], partition=frozen["partition"],
+            message=doc.splitlines()[0] if doc else "",
+        )
+        check_descriptor(revision.descriptor)
     except MalformedPayload as exc:
         raise MalformedPayload(f"{where}: {exc}") from None
-    frozen = _frozen(header["txengine"][0], where, header["txengine"][1])
-    doc = ast.get_docstring(tree) or ""
-    message = doc.strip().splitlines()[0] if doc.strip() else ""
-    revision = build(
-        kind="script", rev_id=rev_id, payload=payload, parents=list(refs["down_revision"]),
-        depends_on=list(refs["depends_on"]), branch_labels=list(refs["branch_labels"]),
-        hlc=(frozen["hlc"][0], frozen["hlc"][1]), origin=frozen["origin"], seq=frozen["seq"],
-        partition=frozen["partition"], message=message,
-    )
     return AuthoredScript(path, text, revision, tuple(frozen["stores"]))
 
 

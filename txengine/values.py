@@ -20,6 +20,7 @@ import decimal
 import hashlib
 import json
 import math
+import re
 from typing import Any
 
 import rfc8785
@@ -27,32 +28,61 @@ from bson import Binary, Decimal128, ObjectId
 
 from .exceptions import InvalidKey, MalformedPayload
 
-MAX_SAFE_INT = 2**53
+MAX_SAFE_INT = 2**53 - 1
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 _DUMPS = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 ).encode
 
 
+_NON_BMP = re.compile("[\U00010000-\U0010FFFF]")
+
+
 def _needs_reference(value: Any) -> bool:
     """Return True when fast ``json.dumps`` could differ from RFC 8785."""
-    if isinstance(value, float):
-        return True
-    if isinstance(value, dict):
+    kind = type(value)
+    if kind is dict:
         for k, v in value.items():
-            if any(ord(ch) > 0xFFFF for ch in k) or _needs_reference(v):
+            if not k.isascii() and _NON_BMP.search(k):
+                return True
+            vk = type(v)
+            if vk is float or ((vk is dict or vk is list) and _needs_reference(v)):
                 return True
         return False
-    if isinstance(value, list):
-        return any(_needs_reference(v) for v in value)
-    return False
+    if kind is list:
+        for v in value:
+            vk = type(v)
+            if vk is float or ((vk is dict or vk is list) and _needs_reference(v)):
+                return True
+        return False
+    return isinstance(value, float)
+
+
+def _big_ints_as_floats(value: Any) -> Any:
+    """Turn integers beyond ±(2^53-1) back into the floats they were decoded from.
+
+    RFC 8785 writes a whole float such as 1e20 as bare digits, which JSON
+    parsers read back as an integer; the reference encoder refuses integers
+    that large, so give it the float, whose digits are the same.
+    """
+    kind = type(value)
+    if kind is int and not -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+        as_float = float(value)
+        if as_float != value:
+            raise MalformedPayload(f"integer {value} is too large for JSON: use $numberLong")
+        return as_float
+    if kind is dict:
+        return {k: _big_ints_as_floats(v) for k, v in value.items()}
+    if kind is list:
+        return [_big_ints_as_floats(v) for v in value]
+    return value
 
 
 def canonical(value: Any) -> bytes:
     """Encode a JSON value (already Extended JSON) as RFC 8785 canonical bytes."""
     if _needs_reference(value):
         try:
-            return rfc8785.dumps(value)
+            return rfc8785.dumps(_big_ints_as_floats(value))
         except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
             raise MalformedPayload(f"value cannot be encoded as canonical JSON: {exc}") from exc
     try:
@@ -180,4 +210,9 @@ def check_key(key: Any) -> Any:
 
 def key_text(key_ejson: Any) -> str:
     """Return the canonical text of an Extended JSON key, as stored in key columns."""
+    kind = type(key_ejson)
+    if kind is int:
+        return str(key_ejson)
+    if kind is str:
+        return _DUMPS(key_ejson)
     return canonical(key_ejson).decode("utf-8")

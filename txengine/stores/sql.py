@@ -16,13 +16,36 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 
 from ..exceptions import StoreError
 from ..ops import State, check_collection
 
 _JSON = sa.Text().with_variant(postgresql.JSONB(), "postgresql")
 DOC_COLUMNS = {"_partition", "_key", "doc", "_incarnation"}
+
+
+def raw_cursor(conn: sa.Connection) -> Any:
+    """Return a DBAPI cursor inside the Connection's transaction.
+
+    The hot paths (one write, bulk replay) run hand-written SQL on the
+    driver's cursor: SQLAlchemy's per-statement compile and cache-key work
+    costs more than the database does (machine-facts.md). Beginning the
+    SQLAlchemy transaction first keeps ``conn.commit()``/``rollback()``
+    authoritative.
+    """
+    if not conn.in_transaction():
+        conn.begin()
+    return conn.connection.cursor()
+
+
+def placeholder(conn: sa.Connection) -> str:
+    """Return the driver's positional placeholder (qmark for sqlite3, %s for psycopg)."""
+    return "%s" if conn.dialect.name == "postgresql" else "?"
+
+
+def _dumps(doc: Any) -> str:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -64,6 +87,7 @@ class SqlStore:
         self._tables: dict[str, sa.Table] = {}
         self._metadata = sa.MetaData()
         self._is_pg = self.dialect == "postgresql"
+        self._statements: dict[str, dict[str, str]] = {}
 
     # -- tables --------------------------------------------------------------
     def table(self, collection: str, create: bool = True) -> sa.Table | None:
@@ -93,6 +117,12 @@ class SqlStore:
         self._tables[collection] = table
         return table
 
+    def forget_tables(self) -> None:
+        """Drop cached table metadata (after DDL that a script ran)."""
+        self._tables.clear()
+        self._statements.clear()
+        self._metadata = sa.MetaData()
+
     def collections(self) -> list[str]:
         """Return the document tables in the database (txengine's own excluded)."""
         names = []
@@ -109,50 +139,68 @@ class SqlStore:
     def _decode(self, doc: Any) -> dict[str, Any]:
         return doc if isinstance(doc, dict) else json.loads(doc)
 
-    def _encode(self, doc: dict[str, Any]) -> Any:
-        return doc if self._is_pg else json.dumps(doc, separators=(",", ":"),
-                                                  ensure_ascii=False)
+    def cursor(self) -> Any:
+        return raw_cursor(self.conn)
+
+    def placeholder(self) -> str:
+        return placeholder(self.conn)
+
+    def _sql(self, collection: str) -> dict[str, str]:
+        sql = self._statements.get(collection)
+        if sql is None:
+            q = self.conn.dialect.identifier_preparer.quote(collection)
+            ph = self.placeholder()
+            doc = f"CAST({ph} AS JSONB)" if self._is_pg else ph
+            sql = {
+                "select1": f"SELECT _key, doc, _incarnation FROM {q}"
+                           f" WHERE _partition = {ph} AND _key = {ph}",
+                "select": f"SELECT _key, doc, _incarnation FROM {q}"
+                          f" WHERE _partition = {ph} AND _key IN ",
+                "upsert": f"INSERT INTO {q} (_partition, _key, doc, _incarnation)"
+                          f" VALUES ({ph}, {ph}, {doc}, {ph}) ON CONFLICT (_partition, _key)"
+                          " DO UPDATE SET doc = excluded.doc,"
+                          " _incarnation = excluded._incarnation",
+                "delete": f"DELETE FROM {q} WHERE _partition = {ph} AND _key = {ph}",
+            }
+            self._statements[collection] = sql
+        return sql
 
     def load_states(self, partition: str, collection: str,
                     keys: Iterable[str]) -> dict[str, State]:
-        table = self.table(collection, create=False)
-        if table is None:
+        if self.table(collection, create=False) is None:
             return {}
         keys = list(keys)
+        sql = self._sql(collection)
         out: dict[str, State] = {}
-        c = table.c
+        cur = self.cursor()
+        ph = self.placeholder()
         for i in range(0, len(keys), 500):
             chunk = keys[i:i + 500]
-            where = c._key == chunk[0] if len(chunk) == 1 else c._key.in_(chunk)
-            q = sa.select(c._key, c.doc, c._incarnation).where(c._partition == partition, where)
-            for key, doc, inc in self.conn.execute(q):
+            if len(chunk) == 1:
+                cur.execute(sql["select1"], (partition, chunk[0]))
+            else:
+                cur.execute(sql["select"] + "(" + ", ".join([ph] * len(chunk)) + ")",
+                            (partition, *chunk))
+            for key, doc, inc in cur.fetchall():
                 out[key] = (self._decode(doc), inc)
         return out
 
     def write_states(self, partition: str, collection: str,
                      states: Mapping[str, State]) -> None:
-        table = self.table(collection)
-        assert table is not None
+        self.table(collection)
+        sql = self._sql(collection)
         upserts = []
         deletes = []
         for key, (doc, inc) in states.items():
             if doc is None:
-                deletes.append({"b_p": partition, "b_k": key})
+                deletes.append((partition, key))
             else:
-                upserts.append({"_partition": partition, "_key": key,
-                                "doc": self._encode(doc), "_incarnation": inc})
+                upserts.append((partition, key, _dumps(doc), inc))
+        cur = self.cursor()
         if deletes:
-            self.conn.execute(
-                table.delete().where(table.c._partition == sa.bindparam("b_p"),
-                                     table.c._key == sa.bindparam("b_k")), deletes)
+            cur.executemany(sql["delete"], deletes)
         if upserts:
-            dialect_insert = postgresql.insert if self._is_pg else sqlite.insert
-            stmt = dialect_insert(table)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["_partition", "_key"],
-                set_={"doc": stmt.excluded.doc, "_incarnation": stmt.excluded._incarnation},
-            )
-            self.conn.execute(stmt, upserts)
+            cur.executemany(sql["upsert"], upserts)
 
     def documents(self, partition: str, collection: str) -> Iterator[dict[str, Any]]:
         table = self.table(collection, create=False)

@@ -1,0 +1,153 @@
+"""Core I speed: write vs bare SQLAlchemy, bulk upgrade/downgrade, heads/history.
+
+Run: python benchmarks/core.py [--quick]
+Each scenario and its baseline run in the same process; medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from txengine import Peer  # noqa: E402
+from txengine.revision import build, encode_ops  # noqa: E402
+from txengine.ops import Delete, Insert, Update  # noqa: E402
+
+
+def baseline_setup(path: str):
+    engine = sa.create_engine(f"sqlite:///{path}")
+
+    @sa.event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _rec):
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    md = sa.MetaData()
+    data = sa.Table("data", md, sa.Column("_partition", sa.String, primary_key=True),
+                    sa.Column("_key", sa.String, primary_key=True), sa.Column("doc", sa.Text),
+                    sa.Column("_incarnation", sa.String))
+    ledger = sa.Table("ledger", md, sa.Column("id", sa.String, primary_key=True),
+                      sa.Column("descriptor", sa.Text), sa.Column("payload", sa.LargeBinary),
+                      sa.Column("undo", sa.Text), sa.Column("keys", sa.Text))
+    audit = sa.Table("audit", md, sa.Column("seq", sa.Integer, primary_key=True),
+                     sa.Column("revision", sa.String), sa.Column("action", sa.String),
+                     sa.Column("peer_id", sa.String), sa.Column("os_user", sa.String),
+                     sa.Column("at", sa.String), sa.Column("duration_ms", sa.Float),
+                     sa.Column("outcome", sa.String), sa.Column("detail", sa.Text))
+    md.create_all(engine)
+    conn = engine.connect()
+    return engine, conn, data, ledger, audit
+
+
+def bench_write(n: int) -> tuple[float, float]:
+    tmp = tempfile.mkdtemp()
+    engine, conn, data, ledger, audit = baseline_setup(os.path.join(tmp, "base.db"))
+    peer = Peer.open(os.path.join(tmp, "tx.db"), peer_id="bench")
+    with peer.transaction("warm") as tx:
+        tx.insert("customers", {"_id": "warm", "name": "w"})
+    base, ours = [], []
+    desc = "x" * 420
+    for i in range(n):
+        doc = {"_id": i, "name": f"customer {i}", "email": f"c{i}@example.com", "n": i}
+        t = time.perf_counter()
+        conn.execute(data.insert(), {"_partition": "default", "_key": str(i),
+                                     "doc": json.dumps(doc), "_incarnation": "x" * 64})
+        conn.execute(ledger.insert(), {"id": f"{i:064d}", "descriptor": desc,
+                                       "payload": json.dumps([doc]).encode(), "undo": "[]",
+                                       "keys": "[]"})
+        conn.execute(audit.insert(), {"revision": f"{i:064d}", "action": "apply",
+                                      "peer_id": "bench", "os_user": "u", "at": "now",
+                                      "duration_ms": 0.1, "outcome": "ok", "detail": "{}"})
+        conn.commit()
+        base.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with peer.transaction("add") as tx:
+            tx.insert("customers", doc)
+        ours.append(time.perf_counter() - t)
+    peer.close()
+    conn.close()
+    return statistics.median(base), statistics.median(ours)
+
+
+def make_chain(peer: Peer, n: int, keys: int) -> None:
+    """Record n data revisions (60 % inserts, 30 % updates, 10 % deletes) without applying."""
+    rng = random.Random(7)
+    live: dict[int, str] = {}
+    parents: list[str] = []
+    items = []
+    hlc = 1
+    for seq in range(1, n + 1):
+        r = rng.random()
+        k = rng.randrange(keys)
+        if r < 0.6 or not live:
+            op = Insert("items", {"_id": k, "v": seq, "name": f"item {k}"})
+        elif r < 0.9:
+            k = rng.choice(list(live)) if k not in live else k
+            op = Update("items", k, set={"v": seq}, expect=live[k], before={})
+        else:
+            k = rng.choice(list(live)) if k not in live else k
+            op = Delete("items", k, expect=live[k], before={})
+        rev = build(kind="data", payload=encode_ops([op]), partition="default",
+                    parents=parents, origin="gen:0", seq=seq, hlc=(hlc, 0), message=f"r{seq}",
+                    collections=["items"])
+        hlc += 1
+        if isinstance(op, Insert):
+            live[k] = rev.id
+        elif isinstance(op, Delete):
+            live.pop(k, None)
+        parents = [rev.id]
+        items.append((rev.descriptor, rev.payload))
+    for i in range(0, len(items), 10000):
+        peer.receive(items[i:i + 10000])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    n_write = 300 if args.quick else 2000
+    n_chain = 10_000 if args.quick else 100_000
+    base, ours = bench_write(n_write)
+    print(f"write (1 insert/transaction, {n_write} interleaved): baseline {base*1e6:.0f} µs,"
+          f" txengine {ours*1e6:.0f} µs, ratio {ours/base:.2f}x (target <= 2x)")
+    tmp = tempfile.mkdtemp()
+    peer = Peer.open(os.path.join(tmp, "chain.db"), peer_id="bench", batch_size=5000)
+    t = time.perf_counter()
+    make_chain(peer, n_chain, n_chain // 10)
+    print(f"recorded {n_chain} revisions in {time.perf_counter()-t:.1f}s")
+    t = time.perf_counter()
+    peer.upgrade("heads")
+    up = time.perf_counter() - t
+    print(f"upgrade heads: {n_chain} revisions in {up:.2f}s = {n_chain/up:,.0f} rev/s (target >= 25,000)")
+    peer.close()
+    t = time.perf_counter()
+    peer = Peer.open(os.path.join(tmp, "chain.db"), peer_id="bench", batch_size=5000)
+    print(f"open (load graph of {n_chain}): {time.perf_counter()-t:.2f}s")
+    t = time.perf_counter()
+    peer.heads()
+    print(f"heads: {time.perf_counter()-t:.3f}s")
+    t = time.perf_counter()
+    h = peer.history()
+    print(f"history ({len(h)}): {time.perf_counter()-t:.3f}s")
+    t = time.perf_counter()
+    peer.downgrade("base")
+    down = time.perf_counter() - t
+    print(f"downgrade base: {n_chain} revisions in {down:.2f}s = {n_chain/down:,.0f} rev/s (target >= 25,000)")
+    peer.close()
+
+
+if __name__ == "__main__":
+    main()

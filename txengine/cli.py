@@ -1,0 +1,619 @@
+"""The ``txengine`` command line: click commands, each a thin shell over :class:`Peer`.
+
+Every command parses its arguments, calls one ``Peer`` method and renders the
+result. Read commands share :func:`output_options` (human text, ``--json`` for
+one JSON document, ``--nl`` for one object per line). Library errors
+(:class:`TxEngineError`) are turned into one line on stderr and exit status 1
+in one place, :meth:`_Group.invoke`; ``--traceback`` re-raises them instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from . import config as _config
+from .engine import Progress
+from .exceptions import DocumentNotFound, InvalidInput, MalformedPayload, TxEngineError
+from .ledger import AuditEntry
+from .peer import OperationResult, Peer, RevisionDetail, RevisionInfo, VerifyReport
+from .revision import DEFAULT_PARTITION
+
+# -- state and errors ----------------------------------------------------------------
+
+
+@dataclass
+class State:
+    """The global options, and the peer opened for this invocation (at most one)."""
+
+    config_path: str = _config.INI_NAME
+    config_given: bool = False
+    store: str | None = None
+    peer_id: str | None = None
+    traceback: bool = False
+    peer: Peer | None = None
+
+    def config(self) -> _config.Config:
+        cfg = _config.load(self.config_path, required=self.config_given)
+        if self.store:
+            cfg = dataclasses.replace(cfg, store=self.store)
+        return cfg
+
+    def close_peer(self) -> None:
+        if self.peer is not None:
+            peer, self.peer = self.peer, None
+            peer.close()
+
+
+def open_peer() -> Peer:
+    """Open this invocation's peer from the global options; it is closed with the context."""
+    ctx = click.get_current_context()
+    state = ctx.ensure_object(State)
+    if state.peer is None:
+        cfg = state.config()
+        state.peer = Peer.open(cfg.require_store(), state.peer_id or cfg.peer_id,
+                               script_location=cfg.script_location)
+        ctx.find_root().call_on_close(state.close_peer)
+    return state.peer
+
+
+class _Group(click.Group):
+    """A group that reports library errors as one line (the only place that catches them)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TxEngineError as exc:
+            state = ctx.find_object(State)
+            if state is not None and state.traceback:
+                raise
+            raise click.ClickException(" ".join(str(exc).split())) from None
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def to_json(value: Any) -> Any:
+    """Return the JSON form of a result: ``to_json()``, a dataclass, or the value itself."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    return value
+
+
+@dataclass
+class Output:
+    """What a command returns: items plus how to show one as text."""
+
+    items: Iterable[Any]
+    lines: Callable[[Any], Iterable[str]]
+    single: bool = False
+    empty: str | None = None
+    exit_code: int = 0
+    json: Callable[[Any], Any] = field(default=to_json)
+
+
+def _emit(out: Output, as_json: bool, nl: bool) -> None:
+    if as_json and out.single:
+        click.echo(json.dumps(out.json(next(iter(out.items))), indent=2))
+    elif as_json:
+        first = True
+        click.echo("[", nl=False)
+        for item in out.items:
+            click.echo(("\n" if first else ",\n") + json.dumps(out.json(item)), nl=False)
+            first = False
+        click.echo("\n]" if not first else "]")
+    elif nl:
+        for item in out.items:
+            click.echo(json.dumps(out.json(item)))
+    else:
+        shown = False
+        for item in out.items:
+            for line in out.lines(item):
+                click.echo(line)
+            shown = True
+        if not shown and out.empty:
+            click.echo(out.empty)
+
+
+def output_options(fn: Callable[..., Output]) -> Callable[..., None]:
+    """Add ``--json`` and ``--nl`` to a command that returns an :class:`Output`."""
+
+    @click.option("--nl", is_flag=True, help="Output newline-delimited JSON, one object a line.")
+    @click.option("--json", "as_json", is_flag=True, help="Output one JSON document.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, as_json: bool, nl: bool, **kwargs: Any) -> None:
+        if as_json and nl:
+            raise click.UsageError("--json and --nl cannot be used together")
+        out = fn(*args, **kwargs)
+        _emit(out, as_json, nl)
+        if out.exit_code:
+            click.get_current_context().exit(out.exit_code)
+
+    return wrapper
+
+
+def _marks(info: RevisionInfo) -> str:
+    marks = [m for m, on in (("(head)", info.is_head), ("(applied)", info.applied)) if on]
+    if len(info.parents) > 1:
+        marks.append("(mergepoint)")
+    if info.branch_labels:
+        marks.append(f"({', '.join(info.branch_labels)})")
+    return " ".join(marks)
+
+
+def revision_line(info: RevisionInfo) -> list[str]:
+    """One line per revision, as ``alembic history`` prints: ``parents -> id (marks), msg``."""
+    parents = ", ".join(p[:12] for p in info.parents) or "<base>"
+    if len(info.parents) > 1:
+        parents = f"({parents})"
+    marks = _marks(info)
+    return [f"{parents} -> {info.short_id}{' ' + marks if marks else ''}"
+            f" [{info.kind}], {info.message}"]
+
+
+def revision_block(info: RevisionInfo) -> list[str]:
+    """Several lines per revision (``history --verbose``): every field, the full id."""
+    return [
+        f"Rev: {info.id} {_marks(info)}".rstrip(),
+        f"Parent: {', '.join(info.parents) or '<base>'}",
+        *([f"Depends on: {', '.join(info.depends_on)}"] if info.depends_on else []),
+        f"Kind: {info.kind}    Partition: {info.partition}",
+        f"Origin: {info.origin}    HLC: {info.hlc[0]}/{info.hlc[1]}",
+        "",
+        f"    {info.message}",
+        "",
+    ]
+
+
+def operation_lines(result: OperationResult) -> list[str]:
+    """Say what an upgrade, downgrade or stamp did."""
+    def names(ids: list[str]) -> str:
+        shown = ", ".join(i[:12] for i in ids[:10])
+        return shown + (f", ... ({len(ids) - 10} more)" if len(ids) > 10 else "")
+
+    verb = {"upgrade": "applied", "downgrade": "undid", "stamp": "stamped"}[result.action]
+    lines = []
+    if result.undone:
+        lines.append(f"{'unstamped' if result.action == 'stamp' else 'undid'}"
+                     f" {len(result.undone)}: {names(result.undone)}")
+    if result.applied:
+        lines.append(f"{verb if result.action != 'downgrade' else 'redid'}"
+                     f" {len(result.applied)}: {names(result.applied)}")
+    return lines or ["nothing to do"]
+
+
+def audit_line(entry: AuditEntry) -> list[str]:
+    """One audit row: when, what, which revision, who, outcome."""
+    rev = entry.revision[:12] if entry.revision else "-"
+    detail = f" {json.dumps(entry.detail)}" if entry.detail else ""
+    return [f"{entry.seq:>5} {entry.at} {entry.action:<8} {rev:<12} {entry.peer_id}"
+            f" ({entry.os_user}) {entry.outcome} {entry.duration_ms:.1f}ms{detail}"]
+
+
+def verify_lines(report: VerifyReport) -> list[str]:
+    """Say OK, or name each finding's revision in full."""
+    if report.ok:
+        return [f"OK: {report.checked} revisions checked, no findings"]
+    lines = [f"FAILED: {len(report.findings)} findings in {report.checked} revisions"]
+    for f in report.findings:
+        where = f" {f.collection}/{f.key}" if f.collection else ""
+        lines.append(f"revision {f.revision or '-'}{where}: {f.problem}")
+    return lines
+
+
+def detail_lines(detail: RevisionDetail) -> list[str]:
+    return [detail.script.rstrip("\n")]
+
+
+def document_json(doc: dict[str, Any]) -> Any:
+    from .values import to_ejson
+
+    return to_ejson(doc)
+
+
+RENDERERS: dict[str, Callable[[Any], Iterable[str]]] = {
+    "revision": revision_line,
+    "operation": operation_lines,
+    "audit": audit_line,
+    "verify": verify_lines,
+    "detail": detail_lines,
+    "document": lambda d: [json.dumps(document_json(d))],
+}
+
+
+class ProgressBar:
+    """A ``progress=`` callback drawing a bar on stderr (only when stderr is a terminal)."""
+
+    def __init__(self, label: str, file: IO[str] | None = None) -> None:
+        self.label = label
+        self.file = file or click.get_text_stream("stderr")
+        self._bar: Any = None
+        self._done = 0
+
+    def __call__(self, progress: Progress) -> None:
+        if self._bar is None:
+            self._bar = click.progressbar(length=progress.total, label=self.label,
+                                          file=self.file)
+            self._bar.__enter__()
+        self._bar.update(progress.done - self._done)
+        self._done = progress.done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+
+def _run_with_progress(label: str, call: Callable[[Any], OperationResult]) -> OperationResult:
+    if not click.get_text_stream("stderr").isatty():
+        return call(None)
+    bar = ProgressBar(label)
+    try:
+        return call(bar)
+    finally:
+        bar.close()
+
+
+# -- the group ---------------------------------------------------------------------------
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="txengine")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              help="Config file with a [txengine] section (default: ./alembic.ini;"
+                   " optional when --store is given).")
+@click.option("--store", metavar="URL",
+              help="Store to use: a SQLite path or a SQLAlchemy URL (overrides the config).")
+@click.option("--peer-id", help="This peer's id (overrides the config).")
+@click.option("--traceback", is_flag=True, help="Show the full traceback on errors.")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, store: str | None,
+        peer_id: str | None, traceback: bool) -> None:
+    """txengine: every data write a reversible, replicated revision.
+
+    Alembic, but for data, and for many peers. Start with `txengine init`,
+    or see the whole cycle with `txengine demo`.
+    """
+    ctx.obj = State(config_path or _config.INI_NAME, config_path is not None, store,
+                    peer_id, traceback)
+
+
+def main() -> None:
+    """Run the command line (the ``txengine`` console script)."""
+    cli(prog_name="txengine")
+
+
+def _one(render: str) -> Callable[[Any], Output]:
+    return lambda value: Output([value], RENDERERS[render], single=True)
+
+
+def _many(render: str, items: Iterable[Any], empty: str | None = None) -> Output:
+    return Output(list(items), RENDERERS[render], empty=empty)
+
+
+partition_option = click.option("--partition", default=DEFAULT_PARTITION, show_default=True,
+                                help="Partition the revision belongs to.")
+
+
+# -- project ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False))
+@output_options
+def init(directory: str) -> Output:
+    """Create alembic.ini with a [txengine] section, and versions/, in DIRECTORY.
+
+    An existing alembic.ini is kept: the [txengine] section is added to it.
+    The store defaults to sqlite:///txengine.db next to alembic.ini.
+    """
+    state = click.get_current_context().find_object(State)
+    result = _config.init_project(directory, peer_id=state.peer_id if state else None)
+
+    def lines(r: _config.InitResult) -> list[str]:
+        did = "Wrote" if r.created else "Added a [txengine] section to"
+        return [f"{did} {r.config}", f"Scripts go in {r.script_location}",
+                f"Store: {r.store}, peer id: {r.peer_id}"]
+
+    return Output([result], lines, single=True)
+
+
+@cli.command()
+@click.option("-m", "--message", required=True, help="What the script revision does.")
+@click.option("--head", help="Revision to base it on ('base' for a new branch;"
+                             " default: the script head).")
+@click.option("--splice", is_flag=True, help="Allow --head to name a non-head revision.")
+@click.option("--branch-label", help="A label for a new branch.")
+@click.option("--rev-id", help="The revision id (default: generated).")
+@click.option("--depends-on", multiple=True, help="A revision it depends on (repeatable).")
+@click.option("--runs-on", multiple=True, default=("sql",), show_default=True,
+              help="Store kind the script runs on (repeatable).")
+@output_options
+def revision(message: str, head: str | None, splice: bool, branch_label: str | None,
+             rev_id: str | None, depends_on: tuple[str, ...], runs_on: tuple[str, ...]) -> Output:
+    """Create an authored script revision in the script location.
+
+    Edit its upgrade(op)/downgrade(op); op.schema is Alembic's Operations.
+    """
+    peer = open_peer()
+    if peer.script_location is None:
+        raise InvalidInput("no script_location configured: set it in alembic.ini"
+                           " (`txengine init` does)")
+    new = _config.author_script(peer, peer.script_location, message, head=head, splice=splice,
+                                branch_label=branch_label, rev_id=rev_id,
+                                depends_on=depends_on, stores=runs_on)
+    state = click.get_current_context().find_object(State)
+    assert state is not None
+    state.close_peer()
+    open_peer()  # registers the new script in the ledger now, with its seq
+    return Output([new], lambda n: [f"Generating {n.path} ... done", n.id], single=True)
+
+
+# -- writes -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("-m", "--message", required=True, help="The revision message.")
+@click.argument("file", type=click.File("r"))
+@partition_option
+@output_options
+def write(message: str, file: IO[str], partition: str) -> Output:
+    """Write the JSON list of ops in FILE (- for stdin) as one data revision.
+
+    Ops: {"op": "insert", "collection": "c", "doc": {"_id": 1, ...}},
+    {"op": "update", "collection": "c", "key": 1, "set": {...}},
+    {"op": "delete", "collection": "c", "key": 1}. Prints the new revision id.
+    """
+    try:
+        ops = json.load(file)
+    except ValueError as exc:
+        raise MalformedPayload(f"{file.name} is not valid JSON: {exc}") from None
+    info = open_peer().write(message, ops, partition)
+    return Output([info], lambda i: [i.id], single=True)
+
+
+@cli.command()
+@click.argument("revisions", nargs=-1)
+@click.option("-m", "--message", default="merge", show_default=True, help="The message.")
+@partition_option
+@output_options
+def merge(revisions: tuple[str, ...], message: str, partition: str) -> Output:
+    """Write an empty revision whose parents are REVISIONS (default: all heads)."""
+    info = open_peer().merge(list(revisions) or ["heads"], message, partition)
+    return Output([info], lambda i: [i.id], single=True)
+
+
+@cli.command()
+@click.argument("rev")
+@click.option("-m", "--message", help="The message (default: 'Revert <id>: <message>').")
+@output_options
+def revert(rev: str, message: str | None) -> Output:
+    """Write a revision that undoes REV where its values still stand."""
+    info = open_peer().revert(rev, message)
+    return Output([info], lambda i: [i.id if i else "nothing left to revert"], single=True)
+
+
+# -- moving the peer ----------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("target", default="heads")
+@output_options
+def upgrade(target: str) -> Output:
+    """Apply revisions up to TARGET (default heads; also an id, a label, +N)."""
+    peer = open_peer()
+    result = _run_with_progress("upgrading", lambda bar: peer.upgrade(target, progress=bar))
+    return _one("operation")(result)
+
+
+@cli.command()
+@click.argument("target")
+@output_options
+def downgrade(target: str) -> Output:
+    """Undo applied revisions back to TARGET (base, an id, -N); pins this peer."""
+    peer = open_peer()
+    result = _run_with_progress("downgrading", lambda bar: peer.downgrade(target, progress=bar))
+    return _one("operation")(result)
+
+
+@cli.command()
+@click.argument("target")
+@output_options
+def stamp(target: str) -> Output:
+    """Mark TARGET and its ancestry as applied without running anything."""
+    return _one("operation")(open_peer().stamp(target))
+
+
+# -- reads --------------------------------------------------------------------------------
+
+
+@cli.command()
+@output_options
+def current() -> Output:
+    """Show the applied heads: what this peer's data reflects."""
+    return _many("revision", open_peer().current(), empty="<base>: nothing applied")
+
+
+@cli.command()
+@output_options
+def heads() -> Output:
+    """Show the revisions with no children."""
+    return _many("revision", open_peer().heads(), empty="no revisions")
+
+
+@cli.command()
+@output_options
+def branches() -> Output:
+    """Show branch points: revisions with more than one child."""
+    return _many("revision", open_peer().branches(), empty="no branch points")
+
+
+@cli.command()
+@click.option("-r", "--rev-range", help="Only A:B: B's ancestry after A (either may be empty).")
+@click.option("-v", "--verbose", is_flag=True, help="Show every field.")
+@output_options
+def history(rev_range: str | None, verbose: bool) -> Output:
+    """List revisions, newest first."""
+    out = _many("revision", open_peer().history(rev_range), empty="no revisions")
+    if verbose:
+        out.lines = revision_block
+    return out
+
+
+@cli.command()
+@click.argument("rev")
+@output_options
+def show(rev: str) -> Output:
+    """Print REV's script (rendered from the payload for a data revision)."""
+    return _one("detail")(open_peer().show(rev))
+
+
+@cli.command()
+@click.option("--rev", help="Only the entries about this revision.")
+@output_options
+def audit(rev: str | None) -> Output:
+    """Show the audit trail, oldest first."""
+    return _many("audit", open_peer().audit(rev), empty="no audit entries")
+
+
+@cli.command()
+@click.option("--replay", is_flag=True,
+              help="Also replay the applied chain into a scratch store and compare the data.")
+@output_options
+def verify(replay: bool) -> Output:
+    """Check every checksum, digest and the chain; exit 1 on any finding."""
+    report = open_peer().verify(replay=replay)
+    return Output([report], verify_lines, single=True, exit_code=0 if report.ok else 1)
+
+
+@cli.command()
+@click.argument("collection")
+@click.argument("key")
+@partition_option
+@output_options
+def get(collection: str, key: str, partition: str) -> Output:
+    """Print one document of COLLECTION (KEY is read as JSON: 1 is an int, '"1"' a str)."""
+    value = _json_or_text(key)
+    doc = open_peer().get(collection, value, partition)
+    if doc is None:
+        raise DocumentNotFound(collection, value)
+    return Output([doc], RENDERERS["document"], single=True, json=document_json)
+
+
+@cli.command()
+@click.argument("collection")
+@click.option("--where", "filter_", metavar="JSON", help='Field values to match: {"name": "Ada"}.')
+@partition_option
+@output_options
+def find(collection: str, filter_: str | None, partition: str) -> Output:
+    """List the documents of COLLECTION (optionally those matching --where)."""
+    wanted = _json_or_text(filter_) if filter_ else None
+    if filter_ and not isinstance(wanted, dict):
+        raise InvalidInput(f"--where must be a JSON object, got {filter_!r}")
+    docs = open_peer().find(collection, wanted, partition)
+    return Output(docs, RENDERERS["document"], json=document_json, empty="no documents")
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@cli.command()
+@click.option("--scripts", "directory", required=True, type=click.Path(file_okay=False),
+              help="Directory to write the rendered data revision scripts into.")
+@output_options
+def export(directory: str) -> Output:
+    """Render every data revision as a script file in a directory (oldest first)."""
+    from .scripts import render_data, script_filename
+
+    peer = open_peer()
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for info in reversed(peer.history()):
+        if info.kind == "data":
+            path = target / script_filename(info.id, info.message)
+            path.write_text(render_data(peer.revision(info.id)), "utf-8")
+            written.append({"id": info.id, "path": str(path)})
+    return Output(written, lambda w: [w["path"]], empty="no data revisions")
+
+
+@cli.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False),
+              help="Folder to run in (default: a new temporary folder, kept afterwards).")
+@output_options
+def demo(directory: str | None) -> Output:
+    """Run the whole cycle on SQLite in a fresh folder, explaining each step."""
+    from .demo import Event, run_demo
+
+    def lines(event: Event) -> Iterator[str]:
+        if event.kind == "section":
+            yield ""
+            yield click.style(f"== {event.text} ==", bold=True)
+        elif event.kind == "command":
+            yield click.style(f"$ {event.text}", fg="cyan")
+        elif event.kind == "result":
+            for line in RENDERERS[event.text](event.value):
+                yield f"  {line}" if event.text != "detail" else line
+        else:
+            yield event.text
+
+    def as_json(event: Event) -> Any:
+        return {"kind": event.kind, "text": event.text, "value": to_json(event.value)}
+
+    return Output(run_demo(Path(directory) if directory else None), lines, json=as_json)
+
+
+# -- the CLI reference ----------------------------------------------------------------------
+
+
+def render_docs() -> str:
+    """Return docs/cli.md: the ``--help`` of the group and of every command."""
+    out = [
+        "# Command-line reference",
+        "",
+        "<!-- Generated by `python -m txengine.cli --doc docs/cli.md`; do not edit."
+        " tests/test_docs.py fails when this page is stale. -->",
+        "",
+    ]
+    root = click.Context(cli, info_name="txengine", terminal_width=88, max_content_width=88)
+    sections = [("txengine", root.get_help())]
+    for name in sorted(cli.commands):
+        command = cli.commands[name]
+        sub = click.Context(command, info_name=name, parent=root, terminal_width=88,
+                            max_content_width=88)
+        sections.append((f"txengine {name}", sub.get_help()))
+    for title, text in sections:
+        out += [f"## {title}", "", "```text", text, "```", ""]
+    return "\n".join(out)
+
+
+def _doc_main(argv: list[str]) -> int:
+    """``python -m txengine.cli --doc [PATH]``: print or write the CLI reference."""
+    text = render_docs()
+    if len(argv) > 1:
+        Path(argv[1]).write_text(text, "utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--doc"]:
+        sys.exit(_doc_main(sys.argv[1:]))
+    main()

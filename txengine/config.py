@@ -1,0 +1,231 @@
+"""Project configuration: the ``[txengine]`` section of ``alembic.ini`` and ``versions/``.
+
+txengine shares Alembic's ini file so a project keeps one configuration: the
+``[txengine]`` section names the ``store``, this peer's ``peer_id`` and the
+``script_location`` of authored script revisions. Relative paths are taken
+from the directory of the ini file (``%(here)s``), not from the working
+directory, so ``txengine -c /path/to/alembic.ini`` works from anywhere.
+"""
+
+from __future__ import annotations
+
+import configparser
+import datetime as _dt
+import importlib.resources
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+
+from .clock import Clock
+from .exceptions import ConfigError, InvalidInput
+from .revision import DEFAULT_PARTITION
+from .scripts import load_versions, render_authored, script_filename
+
+if TYPE_CHECKING:
+    from .peer import Peer
+
+SECTION = "txengine"
+INI_NAME = "alembic.ini"
+DEFAULT_STORE = "sqlite:///txengine.db"
+DEFAULT_SCRIPT_LOCATION = "versions"
+
+
+@dataclass(frozen=True)
+class Config:
+    """What a command needs to open a peer; every field may be missing."""
+
+    path: Path | None = None
+    store: str | None = None
+    peer_id: str | None = None
+    script_location: Path | None = None
+
+    def require_store(self) -> str:
+        """Return the store URL, or raise saying how to get one."""
+        if not self.store:
+            where = f"{self.path} has no store" if self.path else f"no {INI_NAME} found"
+            raise ConfigError(f"{where}: run `txengine init` or pass --store URL")
+        return self.store
+
+
+def absolute_store(url: str, base: Path) -> str:
+    """Make a relative SQLite path or ``sqlite:///relative`` URL absolute under ``base``."""
+    if "://" not in url:
+        path = Path(url)
+        return str(path if path.is_absolute() else base / path)
+    prefix = "sqlite:///"
+    if url.startswith(prefix):
+        rest = url[len(prefix):]
+        if rest and rest != ":memory:" and not rest.startswith("/"):
+            return prefix + str(base / rest)
+    return url
+
+
+def load(path: str | Path, *, required: bool) -> Config:
+    """Read the ``[txengine]`` section of ``path``; a missing optional file gives Config()."""
+    ini = Path(path)
+    if not ini.is_file():
+        if required:
+            raise ConfigError(f"no config file {ini}: run `txengine init` or pass --store URL")
+        return Config()
+    here = ini.resolve().parent
+    parser = configparser.ConfigParser(defaults={"here": str(here)})
+    try:
+        parser.read(ini, encoding="utf-8")
+    except configparser.Error as exc:
+        raise ConfigError(f"{ini} is not a valid ini file: {exc.message}") from None
+    if not parser.has_section(SECTION):
+        return Config(path=ini)
+    try:
+        section = dict(parser.items(SECTION))
+    except configparser.Error as exc:
+        raise ConfigError(f"{ini}: [{SECTION}] cannot be read: {exc.message}") from None
+    store = section.get("store") or None
+    location = section.get("script_location") or None
+    return Config(
+        path=ini,
+        store=absolute_store(store, here) if store else None,
+        peer_id=section.get("peer_id") or None,
+        script_location=(here / location) if location else None,
+    )
+
+
+# -- init -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InitResult:
+    """What ``txengine init`` made."""
+
+    config: Path
+    created: bool
+    script_location: Path
+    peer_id: str
+    store: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": str(self.config), "created": self.created,
+                "script_location": str(self.script_location), "peer_id": self.peer_id,
+                "store": self.store}
+
+
+def _template(name: str) -> jinja2.Template:
+    try:
+        root: Any = importlib.resources.files("txengine.templates")
+        text = (root / name).read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError):
+        text = (Path(__file__).resolve().parent.parent / "templates" / name).read_text("utf-8")
+    return jinja2.Template(text, keep_trailing_newline=True, trim_blocks=True,
+                           lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+
+
+def init_project(directory: str | Path, peer_id: str | None = None) -> InitResult:
+    """Write ``alembic.ini`` with a ``[txengine]`` section (or add one) and ``versions/``.
+
+    An existing ``alembic.ini`` is never rewritten: the section is appended, so
+    Alembic's own settings and comments survive. A file that already has a
+    ``[txengine]`` section is refused rather than silently changed.
+    """
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    ini = root / INI_NAME
+    peer = peer_id or f"peer-{secrets.token_hex(4)}"
+    values = {"store": DEFAULT_STORE, "peer_id": peer,
+              "script_location": DEFAULT_SCRIPT_LOCATION}
+    created = not ini.exists()
+    if created:
+        ini.write_text(_template("alembic.ini.jinja2").render(full=True, **values), "utf-8")
+    else:
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(ini, encoding="utf-8")
+        except configparser.Error as exc:
+            raise ConfigError(f"{ini} is not a valid ini file: {exc.message}") from None
+        if parser.has_section(SECTION):
+            raise ConfigError(f"{ini} already has a [{SECTION}] section: edit it, or run"
+                              " `txengine init` in another directory")
+        text = ini.read_text("utf-8")
+        sep = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+        section = _template("alembic.ini.jinja2").render(full=False, **values)
+        ini.write_text(text + sep + section, "utf-8")
+    versions = root / DEFAULT_SCRIPT_LOCATION
+    versions.mkdir(exist_ok=True)
+    return InitResult(ini, created, versions, peer, values["store"])
+
+
+# -- authoring script revisions --------------------------------------------------------
+
+@dataclass(frozen=True)
+class NewScript:
+    """An authored script revision written by ``txengine revision``."""
+
+    id: str
+    path: Path
+    parents: tuple[str, ...]
+    branch_labels: tuple[str, ...] = field(default=())
+    depends_on: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "path": str(self.path), "parents": list(self.parents),
+                "branch_labels": list(self.branch_labels), "depends_on": list(self.depends_on)}
+
+
+def _script_heads(location: Path) -> list[str]:
+    scripts = load_versions(location)
+    parents = {p for s in scripts for p in s.revision.parents}
+    return sorted(s.revision.id for s in scripts if s.revision.id not in parents)
+
+
+def _next_seq(peer: Peer, partition: str) -> int:
+    """Return the next seq of ``peer.origin`` in ``partition`` (stopgap: scans the ledger)."""
+    mine = [i.id for i in peer.history() if i.origin == peer.origin and i.partition == partition]
+    return max((int(peer.revision(r).descriptor["seq"]) for r in mine), default=0) + 1
+
+
+def author_script(peer: Peer, location: Path, message: str, *, head: str | None = None,
+                  splice: bool = False, branch_label: str | None = None,
+                  rev_id: str | None = None, depends_on: Sequence[str] = (),
+                  stores: Sequence[str] = ("sql",), partition: str = DEFAULT_PARTITION
+                  ) -> NewScript:
+    """Write a new authored script revision into ``location``, as ``alembic revision`` does.
+
+    Parents are the authored scripts' head (or ``head``): only scripts, which
+    every peer has in ``versions/``, never a data revision another peer may
+    lack. The hlc is above every revision this peer knows, so the new barrier
+    never sorts before a known one.
+    """
+    heads = _script_heads(location)
+    if head is None:
+        if len(heads) > 1:
+            raise InvalidInput(f"there are {len(heads)} script heads ({', '.join(heads)}):"
+                               " pass --head to choose one, or --head base for a new branch")
+        parents = heads
+    elif head == "base":
+        parents = []
+    else:
+        target = peer.resolve(head)
+        if target not in heads and not splice:
+            raise InvalidInput(f"revision {target[:12]} is not a script head: pass --splice to"
+                               " branch from it")
+        parents = [target]
+    new_id = rev_id or uuid.uuid4().hex[:12]
+    known = {i.id for i in peer.history()}
+    if new_id in known:
+        raise InvalidInput(f"revision id {new_id!r} already exists: pick another --rev-id")
+    deps = [peer.resolve(d) for d in depends_on]
+    clock = Clock(max((i.hlc for i in peer.history()), default=(0, 0)))
+    text = render_authored(
+        rev_id=new_id, message=message, parents=parents,
+        branch_labels=[branch_label] if branch_label else [], depends_on=deps,
+        hlc=clock.tick(), origin=peer.origin, seq=_next_seq(peer, partition),
+        stores=list(stores), partition=partition,
+        create_date=_dt.datetime.now().replace(microsecond=0),
+    )
+    location.mkdir(parents=True, exist_ok=True)
+    path = location / script_filename(new_id, message)
+    path.write_text(text, "utf-8")
+    return NewScript(new_id, path, tuple(parents),
+                     (branch_label,) if branch_label else (), tuple(deps))

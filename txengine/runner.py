@@ -1,0 +1,61 @@
+"""Run authored script revisions with an ``op`` bound to the peer's store.
+
+Scripts are trusted local code from this peer's ``versions/``; script
+revisions from elsewhere are refused at intake (engine.receive), so only the
+text recorded in the ledger — which ``verify`` compares with the file — runs.
+A script declares the store kinds it runs on; on any other kind it is
+recorded as skipped, the same way on every peer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+
+from .exceptions import UntrustedScript
+from .revision import Revision
+from .scripts import AuthoredScript
+
+if TYPE_CHECKING:
+    from .peer import Peer
+
+
+@dataclass
+class ScriptOp:
+    """The ``op`` an authored script receives.
+
+    ``schema`` is Alembic's ``Operations`` on the peer's connection (SQL
+    stores), so ``op.schema.create_table(...)`` works as in an Alembic
+    migration and commits with the ledger row; ``connection`` is the
+    SQLAlchemy Connection itself; ``db`` is the pymongo Database on MongoDB
+    stores (None here).
+    """
+
+    connection: sa.Connection
+    schema: Operations
+    store_kind: str
+    db: Any = None
+
+
+def run_authored(peer: Peer, rev: Revision, direction: str) -> str | None:
+    """Run ``upgrade`` or ``downgrade`` of a script revision; return a note when skipped."""
+    known = peer._scripts.get(rev.id)
+    if known is None:
+        raise UntrustedScript(
+            f"script revision {rev.id} is not in this peer's script location"
+            f" ({peer.script_location}): add its file to versions/ before running it"
+        )
+    if peer._store.kind not in known.stores:
+        return f"skipped: declared for {', '.join(known.stores)}, this store is {peer._store.kind}"
+    script = AuthoredScript(known.path, rev.payload.decode("utf-8"), rev, known.stores)
+    module = script.module()
+    conn = peer._conn
+    context = MigrationContext.configure(connection=conn)
+    op = ScriptOp(connection=conn, schema=Operations(context), store_kind=peer._store.kind)
+    getattr(module, direction)(op)
+    peer._store.forget_tables()
+    return None

@@ -1,0 +1,1 @@
+"""Store implementations: SQL (SQLAlchemy) now, MongoDB later."""
