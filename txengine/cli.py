@@ -19,10 +19,17 @@ from pathlib import Path
 from typing import IO, Any
 
 import click
+import sqlalchemy as sa
 
 from . import config as _config
 from .engine import Progress
-from .exceptions import DocumentNotFound, InvalidInput, MalformedPayload, TxEngineError
+from .exceptions import (
+    DocumentNotFound,
+    InvalidInput,
+    MalformedPayload,
+    StoreError,
+    TxEngineError,
+)
 from .ledger import AuditEntry
 from .peer import OperationResult, Peer, RevisionDetail, RevisionInfo, VerifyReport
 from .revision import DEFAULT_PARTITION
@@ -59,8 +66,12 @@ def open_peer() -> Peer:
     state = ctx.ensure_object(State)
     if state.peer is None:
         cfg = state.config()
-        state.peer = Peer.open(cfg.require_store(), state.peer_id or cfg.peer_id,
-                               script_location=cfg.script_location)
+        url = cfg.require_store()
+        try:
+            state.peer = Peer.open(url, state.peer_id or cfg.peer_id,
+                                   script_location=cfg.script_location)
+        except sa.exc.DBAPIError as exc:  # stopgap: Peer.open should raise StoreError
+            raise StoreError(f"cannot open store {url!r}: {exc.orig}") from exc
         ctx.find_root().call_on_close(state.close_peer)
     return state.peer
 
@@ -314,7 +325,7 @@ partition_option = click.option("--partition", default=DEFAULT_PARTITION, show_d
 @click.argument("directory", default=".", type=click.Path(file_okay=False))
 @output_options
 def init(directory: str) -> Output:
-    """Create alembic.ini with a [txengine] section, and versions/, in DIRECTORY.
+    """Create alembic.ini ([txengine] section) and versions/ in DIRECTORY.
 
     An existing alembic.ini is kept: the [txengine] section is added to it.
     The store defaults to sqlite:///txengine.db next to alembic.ini.
@@ -347,17 +358,9 @@ def revision(message: str, head: str | None, splice: bool, branch_label: str | N
 
     Edit its upgrade(op)/downgrade(op); op.schema is Alembic's Operations.
     """
-    peer = open_peer()
-    if peer.script_location is None:
-        raise InvalidInput("no script_location configured: set it in alembic.ini"
-                           " (`txengine init` does)")
-    new = _config.author_script(peer, peer.script_location, message, head=head, splice=splice,
-                                branch_label=branch_label, rev_id=rev_id,
-                                depends_on=depends_on, stores=runs_on)
-    state = click.get_current_context().find_object(State)
-    assert state is not None
-    state.close_peer()
-    open_peer()  # registers the new script in the ledger now, with its seq
+    new = open_peer().new_script(message, head=head, splice=splice,
+                                 branch_label=[branch_label] if branch_label else [],
+                                 rev_id=rev_id, depends_on=depends_on, stores=runs_on)
     return Output([new], lambda n: [f"Generating {n.path} ... done", n.id], single=True)
 
 
@@ -504,7 +507,10 @@ def verify(replay: bool) -> Output:
 @partition_option
 @output_options
 def get(collection: str, key: str, partition: str) -> Output:
-    """Print one document of COLLECTION (KEY is read as JSON: 1 is an int, '"1"' a str)."""
+    """Print one document of COLLECTION.
+
+    KEY is read as JSON when it parses: 1 is the int key, '"1"' the str key.
+    """
     value = _json_or_text(key)
     doc = open_peer().get(collection, value, partition)
     if doc is None:
@@ -538,7 +544,7 @@ def _json_or_text(text: str) -> Any:
               help="Directory to write the rendered data revision scripts into.")
 @output_options
 def export(directory: str) -> Output:
-    """Render every data revision as a script file in a directory (oldest first)."""
+    """Render every data revision as a script file in a directory."""
     from .scripts import render_data, script_filename
 
     peer = open_peer()

@@ -10,24 +10,18 @@ directory, so ``txengine -c /path/to/alembic.ini`` works from anywhere.
 from __future__ import annotations
 
 import configparser
-import datetime as _dt
 import importlib.resources
 import secrets
-import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
 
-from .clock import Clock
-from .exceptions import ConfigError, InvalidInput
-from .revision import DEFAULT_PARTITION
-from .scripts import load_versions, render_authored, script_filename
+from .exceptions import ConfigError
 
 if TYPE_CHECKING:
-    from .peer import Peer
+    pass
 
 SECTION = "txengine"
 INI_NAME = "alembic.ini"
@@ -154,78 +148,3 @@ def init_project(directory: str | Path, peer_id: str | None = None) -> InitResul
     versions = root / DEFAULT_SCRIPT_LOCATION
     versions.mkdir(exist_ok=True)
     return InitResult(ini, created, versions, peer, values["store"])
-
-
-# -- authoring script revisions --------------------------------------------------------
-
-@dataclass(frozen=True)
-class NewScript:
-    """An authored script revision written by ``txengine revision``."""
-
-    id: str
-    path: Path
-    parents: tuple[str, ...]
-    branch_labels: tuple[str, ...] = field(default=())
-    depends_on: tuple[str, ...] = field(default=())
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "path": str(self.path), "parents": list(self.parents),
-                "branch_labels": list(self.branch_labels), "depends_on": list(self.depends_on)}
-
-
-def _script_heads(location: Path) -> list[str]:
-    scripts = load_versions(location)
-    parents = {p for s in scripts for p in s.revision.parents}
-    return sorted(s.revision.id for s in scripts if s.revision.id not in parents)
-
-
-def _next_seq(peer: Peer, partition: str) -> int:
-    """Return the next seq of ``peer.origin`` in ``partition`` (stopgap: scans the ledger)."""
-    mine = [i.id for i in peer.history() if i.origin == peer.origin and i.partition == partition]
-    return max((int(peer.revision(r).descriptor["seq"]) for r in mine), default=0) + 1
-
-
-def author_script(peer: Peer, location: Path, message: str, *, head: str | None = None,
-                  splice: bool = False, branch_label: str | None = None,
-                  rev_id: str | None = None, depends_on: Sequence[str] = (),
-                  stores: Sequence[str] = ("sql",), partition: str = DEFAULT_PARTITION
-                  ) -> NewScript:
-    """Write a new authored script revision into ``location``, as ``alembic revision`` does.
-
-    Parents are the authored scripts' head (or ``head``): only scripts, which
-    every peer has in ``versions/``, never a data revision another peer may
-    lack. The hlc is above every revision this peer knows, so the new barrier
-    never sorts before a known one.
-    """
-    heads = _script_heads(location)
-    if head is None:
-        if len(heads) > 1:
-            raise InvalidInput(f"there are {len(heads)} script heads ({', '.join(heads)}):"
-                               " pass --head to choose one, or --head base for a new branch")
-        parents = heads
-    elif head == "base":
-        parents = []
-    else:
-        target = peer.resolve(head)
-        if target not in heads and not splice:
-            raise InvalidInput(f"revision {target[:12]} is not a script head: pass --splice to"
-                               " branch from it")
-        parents = [target]
-    new_id = rev_id or uuid.uuid4().hex[:12]
-    known = {i.id for i in peer.history()}
-    if new_id in known:
-        raise InvalidInput(f"revision id {new_id!r} already exists: pick another --rev-id")
-    deps = [peer.resolve(d) for d in depends_on]
-    clock = Clock(max((i.hlc for i in peer.history()), default=(0, 0)))
-    text = render_authored(
-        rev_id=new_id, message=message, parents=parents,
-        branch_labels=[branch_label] if branch_label else [], depends_on=deps,
-        hlc=clock.tick(), origin=peer.origin, seq=_next_seq(peer, partition),
-        stores=list(stores), partition=partition,
-        create_date=_dt.datetime.now().replace(microsecond=0),
-    )
-    location.mkdir(parents=True, exist_ok=True)
-    path = location / script_filename(new_id, message)
-    path.write_text(text, "utf-8")
-    return NewScript(new_id, path, tuple(parents),
-                     (branch_label,) if branch_label else (), tuple(deps))

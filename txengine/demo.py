@@ -84,7 +84,7 @@ def _schema_revision(root: Path, peer: Peer) -> Iterator[Event]:
                " Operations, bound to this peer's database.")
     yield _cmd("revision", "-m", "create audit_notes")
     assert peer.script_location is not None
-    new = _config.author_script(peer, peer.script_location, "create audit_notes")
+    new = peer.new_script("create audit_notes")
     text = new.path.read_text("utf-8")
     new.path.write_text(text.split("\n\ndef upgrade(op):")[0].rstrip("\n") + SCHEMA_SCRIPT,
                         "utf-8")

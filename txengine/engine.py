@@ -24,14 +24,11 @@ from typing import Any
 from .clock import Clock, Hlc
 from .exceptions import (
     ChecksumMismatch,
-    CycleDetected,
-    ForkedRevision,
-    MalformedPayload,
-    MissingParent,
     TxEngineError,
     UntrustedScript,
 )
 from .graph import Graph, Node
+from .intake import check_batch
 from .ledger import (
     APPLIED,
     FETCHED,
@@ -42,7 +39,7 @@ from .ledger import (
     payload_of,
 )
 from .ops import Op, State, apply_op, write_key
-from .revision import Revision, check_descriptor, decode_ops, verify_bytes
+from .revision import Revision, decode_ops
 from .stores.sql import SqlStore
 from .values import sha256
 
@@ -309,6 +306,7 @@ class Engine:
         done = 0
         try:
             for batch in self._batches(steps):
+                self.ledger.renew_lease()
                 self._run_batch(work, batch, action)
                 done += len(batch)
                 if progress:
@@ -429,39 +427,13 @@ class Engine:
     # -- intake ----------------------------------------------------------------
     def receive(self, items: Sequence[tuple[dict[str, Any], bytes]],
                 trusted: bool = False) -> list[str]:
-        """Check revisions that came from outside and record them as fetched.
-
-        Every check runs before the first write, so bad input changes nothing.
-        Returns the ids that were new. Script revisions are refused unless
-        ``trusted`` (they come from this peer's own ``versions/``).
-        """
-        new: dict[str, Revision] = {}
-        for descriptor, payload in items:
-            d = check_descriptor(descriptor)
-            rev = Revision(d, payload)
-            if rev.kind != "data" and not trusted:
-                raise UntrustedScript(
-                    f"revision {rev.id[:12]} is {rev.kind} code from another peer and is not"
-                    " signed by the sequencer: refused; nothing was changed"
-                )
-            verify_bytes(d, payload)
-            if rev.kind == "data":
-                ops = rev.ops
-                derived = sorted({op.collection for op in ops})
-                if derived != d["collections"]:
-                    raise MalformedPayload(
-                        f"revision {rev.id[:12]} declares collections {d['collections']} but"
-                        f" its ops write {derived}: refused"
-                    )
-            self._check_known(rev, new)
-            if rev.id not in self.graph:
-                new[rev.id] = rev
-        self._check_parents(new)
+        """Check revisions from outside, record the new ones as fetched; return their ids."""
+        new = check_batch(self, items, trusted)
         if new:
-            self.ledger.insert_many([(rev, FETCHED, None) for rev in new.values()])
-            self.ledger.audit_many([("receive", r, "ok", 0.0, {}) for r in new])
+            self.ledger.insert_many([(rev, FETCHED, None) for rev in new])
+            self.ledger.audit_many([("receive", r.id, "ok", 0.0, {}) for r in new])
             self.conn.commit()
-            for rev in self._topological(new):
+            for rev in new:
                 self.graph.add(node_of(rev.descriptor))
                 self.partition[rev.id] = rev.partition
                 self.messages[rev.id] = rev.message
@@ -469,65 +441,7 @@ class Engine:
                     self.seqs[rev.partition] = max(self.seqs.get(rev.partition, 0),
                                                    rev.descriptor["seq"])
                     self.clock.absorb(rev.hlc)
-        return list(new)
-
-    def _check_known(self, rev: Revision, batch: dict[str, Revision]) -> None:
-        d = rev.descriptor
-        known = self.ledger.row(rev.id) if rev.id in self.graph else None
-        if known is not None and known.digest != d["digest"]:
-            raise ForkedRevision(f"revision {rev.id[:12]}", known.digest, d["digest"])
-        same_slot = self.ledger.by_origin_seq(d["origin"], d["partition"], d["seq"])
-        self.conn.rollback()
-        if same_slot is not None and same_slot.id != rev.id:
-            raise ForkedRevision(f"(origin {d['origin']}, seq {d['seq']})", same_slot.digest,
-                                 d["digest"])
-        other = batch.get(rev.id)
-        if other is not None and other.descriptor["digest"] != d["digest"]:
-            raise ForkedRevision(f"revision {rev.id[:12]}", other.descriptor["digest"],
-                                 d["digest"])
-
-    def _check_parents(self, new: dict[str, Revision]) -> None:
-        for rev in new.values():
-            for parent in [*rev.parents, *rev.descriptor["depends_on"]]:
-                if parent in new:
-                    hlc = new[parent].hlc
-                elif parent in self.graph:
-                    hlc = self.graph.get(parent).hlc
-                else:
-                    raise MissingParent(rev.id, parent)
-                if tuple(rev.hlc) <= tuple(hlc):
-                    raise MalformedPayload(
-                        f"revision {rev.id[:12]} has hlc {list(rev.hlc)} not above its parent"
-                        f" {parent[:12]}'s {list(hlc)}: refused"
-                    )
-        self._topological(new)
-
-    @staticmethod
-    def _topological(new: dict[str, Revision]) -> list[Revision]:
-        """Order a batch parents-first, or raise CycleDetected."""
-        order: list[Revision] = []
-        state: dict[str, int] = {}
-        for start in new:
-            stack = [(start, iter(new[start].parents))]
-            if state.get(start):
-                continue
-            state[start] = 1
-            while stack:
-                rev_id, it = stack[-1]
-                for parent in it:
-                    if parent not in new:
-                        continue
-                    if state.get(parent) == 1:
-                        raise CycleDetected([r for r, s in state.items() if s == 1])
-                    if not state.get(parent):
-                        state[parent] = 1
-                        stack.append((parent, iter(new[parent].parents)))
-                        break
-                else:
-                    stack.pop()
-                    state[rev_id] = 2
-                    order.append(new[rev_id])
-        return order
+        return [rev.id for rev in new]
 
     # -- queries ---------------------------------------------------------------
     def is_integrated(self, rev_id: str) -> bool:

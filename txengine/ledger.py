@@ -265,10 +265,16 @@ class Ledger:
         yield from self.conn.execute(sa.select(revisions).order_by(revisions.c.hlc_ms,
                                                                    revisions.c.hlc_c))
 
-    def by_origin_seq(self, origin: str, partition: str, seq: int) -> Any | None:
+    def slots(self, origin: str, partition: str, seqs: Sequence[int]
+              ) -> dict[int, tuple[str, str]]:
+        """Return ``{seq: (id, digest)}`` for the taken (origin, partition, seq) slots."""
         c = revisions.c
-        return self.conn.execute(sa.select(c.id, c.digest).where(
-            c.origin == origin, c.partition == partition, c.seq == seq)).first()
+        out: dict[int, tuple[str, str]] = {}
+        for i in range(0, len(seqs), 500):
+            q = sa.select(c.seq, c.id, c.digest).where(
+                c.origin == origin, c.partition == partition, c.seq.in_(seqs[i:i + 500]))
+            out.update({seq: (rid, digest) for seq, rid, digest in self.conn.execute(q)})
+        return out
 
     def max_seq(self, origin: str) -> dict[str, int]:
         """Return ``{partition: highest seq}`` for one origin."""
@@ -393,6 +399,29 @@ class Ledger:
             self._lease_token = token
             self._lease_expires = now + self.lease_seconds
             return changed
+
+    def renew_lease(self) -> None:
+        """Extend the lease between batches of a long operation; raise if it was lost.
+
+        Call only between transactions: renewal commits.
+        """
+        if self._lease_token is None:
+            raise StaleLease("no apply lease is held: take it before writing")
+        now = time.time()
+        if now < self._lease_expires - self.lease_seconds / 2:
+            return
+        result = self.conn.execute(lock.update().where(
+            lock.c.name == "apply", lock.c.token == self._lease_token,
+            lock.c.expires_at > now).values(expires_at=now + self.lease_seconds))
+        if result.rowcount != 1:
+            self.conn.rollback()
+            self._lease_token = None
+            raise StaleLease(
+                "the apply lease expired and another process took it: this operation stopped"
+                " at a batch boundary; run the command again to finish it"
+            )
+        self.conn.commit()
+        self._lease_expires = now + self.lease_seconds
 
     def check_lease(self) -> None:
         """Raise StaleLease when this process's lease has run out."""

@@ -22,7 +22,6 @@ from .exceptions import (
     InvalidInput,
     IrreversibleRevision,
     MalformedPayload,
-    MultipleHeads,
     PinnedPeer,
     TxEngineError,
 )
@@ -117,6 +116,21 @@ class VerifyReport:
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "checked": self.checked,
                 "findings": [f.to_json() for f in self.findings]}
+
+
+@dataclass(frozen=True)
+class NewScript:
+    """An authored script revision written by ``new_script`` (``txengine revision``)."""
+
+    id: str
+    path: Path
+    parents: tuple[str, ...]
+    branch_labels: tuple[str, ...] = ()
+    depends_on: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "path": str(self.path), "parents": list(self.parents),
+                "branch_labels": list(self.branch_labels), "depends_on": list(self.depends_on)}
 
 
 class Peer:
@@ -370,6 +384,8 @@ class Peer:
     def upgrade(self, target: str = "heads", progress: ProgressCallback | None = None
                 ) -> OperationResult:
         """Apply the revisions up to ``target`` in canonical order; unpin when complete."""
+        if self.script_location is not None:
+            self._load_scripts()
         result = self._execute("upgrade", target, progress)
         if self.pinned and not self._engine.fetched():
             self._set_pinned(False, {"target": target})
@@ -474,48 +490,51 @@ class Peer:
     # -- authored scripts ------------------------------------------------------------
     def new_script(self, message: str, *, head: str | None = None, splice: bool = False,
                    branch_label: Sequence[str] = (), rev_id: str | None = None,
-                   depends_on: Sequence[str] = (), stores: Sequence[str] = ("sql", "mongo"),
-                   partition: str = DEFAULT_PARTITION) -> Path:
+                   depends_on: Sequence[str] = (), stores: Sequence[str] = ("sql",),
+                   partition: str = DEFAULT_PARTITION) -> NewScript:
         """Write a new authored script revision into the script location (``revision -m``).
 
-        Its descriptor (id, parents, hlc, origin, seq) is frozen into the file
-        header, so every peer that loads the file gets the same revision. With
-        no ``head``, the new script takes every head of the partition as parent
-        (it merges them, where Alembic would ask for ``--head``).
+        Parents are the head of the authored scripts (or ``head``; ``"base"``
+        starts a new branch), never a data revision, which other peers may
+        lack: every peer has ``versions/``. The descriptor (id, parents, hlc,
+        origin, seq) is frozen into the file header, so every peer that loads
+        the file gets the same revision; the hlc is above every known revision,
+        so the new barrier never sorts before a known one.
         """
         import datetime as _dt
 
         from .scripts import load_authored, render_authored, script_filename
 
         if self.script_location is None:
-            raise ConfigError("no script location: set script_location in alembic.ini")
+            raise ConfigError("no script_location configured: set it in alembic.ini"
+                              " (`txengine init` does)")
         graph = self._engine.graph
-        own = [h for h in graph.heads() if self._engine.partition[h] == partition]
-        if head is None or head == "heads":
-            parents = own
+        barriers = [r for r in graph if graph.get(r).kind != "data"]
+        heads = sorted(r for r in barriers
+                       if not any(graph.get(c).kind != "data" for c in graph.children(r)))
+        if head is None:
+            if len(heads) > 1:
+                raise InvalidInput(f"there are {len(heads)} script heads ({', '.join(heads)}):"
+                                   " pass --head to choose one, or --head base for a new branch")
+            parents = heads
         elif head == "base":
             parents = []
-        elif head == "head":
-            if len(own) > 1:
-                raise MultipleHeads(own, head)
-            parents = own
         else:
-            parent = graph.upgrade_plan(head, ())[-1] if head.endswith("@head") else (
-                graph.resolve(head))
-            if not splice and graph.children(parent):
-                raise InvalidInput(
-                    f"revision {parent[:12]} is not a head: pass --splice to branch from it"
-                )
-            parents = [parent]
+            target = graph.upgrade_plan(head, ())[-1] if "@" in head else graph.resolve(head)
+            if target not in heads and not splice:
+                raise InvalidInput(f"revision {target[:12]} is not a script head: pass --splice"
+                                   " to branch from it")
+            parents = [target]
         rev_id = rev_id or secrets.token_hex(6)
         if rev_id in graph:
             raise InvalidInput(f"revision id {rev_id!r} already exists: choose another --rev-id")
+        deps = [graph.resolve(d) for d in depends_on]
         text = render_authored(
-            rev_id=rev_id, message=message, parents=sorted(parents),
-            branch_labels=list(branch_label), depends_on=[graph.resolve(d) for d in depends_on],
-            hlc=self._engine.hlc_for(parents), origin=self.origin,
-            seq=self._engine.next_seq(partition), stores=list(stores), partition=partition,
-            create_date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            rev_id=rev_id, message=message, parents=parents, branch_labels=list(branch_label),
+            depends_on=deps, hlc=self._engine.clock.tick(graph.get(r).hlc for r in graph),
+            origin=self.origin, seq=self._engine.next_seq(partition), stores=list(stores),
+            partition=partition,
+            create_date=_dt.datetime.now(_dt.UTC).replace(microsecond=0, tzinfo=None),
         )
         self.script_location.mkdir(parents=True, exist_ok=True)
         path = self.script_location / script_filename(rev_id, message)
@@ -525,7 +544,7 @@ class Peer:
         self._engine.receive([(script.revision.descriptor, script.revision.payload)],
                              trusted=True)
         self._scripts[rev_id] = script
-        return path
+        return NewScript(rev_id, path, tuple(parents), tuple(branch_label), tuple(deps))
 
     def _load_scripts(self) -> None:
         from .scripts import load_versions
