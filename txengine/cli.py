@@ -323,15 +323,35 @@ partition_option = click.option("--partition", default=DEFAULT_PARTITION, show_d
 
 @cli.command()
 @click.argument("directory", default=".", type=click.Path(file_okay=False))
+@click.option("--from-alembic", "source", type=click.Path(exists=True, file_okay=False),
+              help="Adopt the Alembic script directory (or versions folder) SOURCE: freeze"
+                   " each migration as a script revision, stamp alembic_version's heads.")
 @output_options
-def init(directory: str) -> Output:
+def init(directory: str, source: str | None) -> Output:
     """Create alembic.ini ([txengine] section) and versions/ in DIRECTORY.
 
     An existing alembic.ini is kept: the [txengine] section is added to it.
-    The store defaults to sqlite:///txengine.db next to alembic.ini.
+    The store defaults to sqlite:///txengine.db next to alembic.ini (with
+    --from-alembic: --store, else Alembic's sqlalchemy.url). See docs/alembic.md.
     """
     state = click.get_current_context().find_object(State)
-    result = _config.init_project(directory, peer_id=state.peer_id if state else None)
+    peer_id = state.peer_id if state else None
+    if source is not None:
+        from .adopt import AdoptReport, init_from_alembic
+
+        report = init_from_alembic(directory, source, peer_id=peer_id,
+                                   store=state.store if state else None)
+
+        def adopted(r: AdoptReport) -> list[str]:
+            heads = ", ".join(r.alembic_heads) or "none (no alembic_version table)"
+            return [f"{'Wrote' if r.created else 'Added a [txengine] section to'} {r.config}",
+                    f"Adopted {len(r.adopted)} Alembic revisions in {r.versions}"
+                    f" ({len(r.kept)} already adopted)",
+                    f"Alembic heads: {heads}; stamped {len(r.stamped)} revisions",
+                    f"Store: {r.store}, peer id: {r.peer_id}"]
+
+        return Output([report], adopted, single=True)
+    result = _config.init_project(directory, peer_id=peer_id)
 
     def lines(r: _config.InitResult) -> list[str]:
         did = "Wrote" if r.created else "Added a [txengine] section to"

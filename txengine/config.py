@@ -116,19 +116,29 @@ def _template(name: str) -> jinja2.Template:
                            lstrip_blocks=True, undefined=jinja2.StrictUndefined)
 
 
-def init_project(directory: str | Path, peer_id: str | None = None) -> InitResult:
+def init_project(directory: str | Path, peer_id: str | None = None, *, store: str | None = None,
+                 script_location: str | Path | None = None) -> InitResult:
     """Write ``alembic.ini`` with a ``[txengine]`` section (or add one) and ``versions/``.
 
     An existing ``alembic.ini`` is never rewritten: the section is appended, so
     Alembic's own settings and comments survive. A file that already has a
-    ``[txengine]`` section is refused rather than silently changed.
+    ``[txengine]`` section is refused rather than silently changed. ``store``
+    and ``script_location`` (an existing folder, e.g. an adopted Alembic
+    ``versions/``; written relative to the ini file when it is below it)
+    replace the defaults.
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     ini = root / INI_NAME
     peer = peer_id or f"peer-{secrets.token_hex(4)}"
-    values = {"store": DEFAULT_STORE, "peer_id": peer,
-              "script_location": DEFAULT_SCRIPT_LOCATION}
+    location = DEFAULT_SCRIPT_LOCATION
+    if script_location is not None:
+        target = Path(script_location).resolve()
+        try:
+            location = str(target.relative_to(root.resolve()))
+        except ValueError:
+            location = str(target)
+    values = {"store": store or DEFAULT_STORE, "peer_id": peer, "script_location": location}
     created = not ini.exists()
     if created:
         ini.write_text(_template("alembic.ini.jinja2").render(full=True, **values), "utf-8")
@@ -145,6 +155,6 @@ def init_project(directory: str | Path, peer_id: str | None = None) -> InitResul
         sep = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
         section = _template("alembic.ini.jinja2").render(full=False, **values)
         ini.write_text(text + sep + section, "utf-8")
-    versions = root / DEFAULT_SCRIPT_LOCATION
-    versions.mkdir(exist_ok=True)
+    versions = root / location
+    versions.mkdir(parents=True, exist_ok=True)
     return InitResult(ini, created, versions, peer, values["store"])

@@ -43,8 +43,9 @@ def check_batch(engine: Engine, items: Sequence[tuple[dict[str, Any], bytes]],
                                  rev.descriptor["digest"])
         batch[rev.id] = rev
     new = _check_known(engine, batch)
+    order = _topological(new)  # before the hlc check, which a cycle would always fail first
     _check_parents(engine, new)
-    return _topological(new)
+    return order
 
 
 def _check_one(d: dict[str, Any], payload: bytes, trusted: bool) -> Revision:

@@ -9,7 +9,9 @@ an audit row.
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
+import functools
 import getpass
 import json
 import os
@@ -24,6 +26,7 @@ import sqlalchemy as sa
 from .exceptions import LockTimeout, StaleLease
 from .revision import Revision
 from .stores.sql import placeholder, raw_cursor
+from .values import dumps
 
 # Local states of a revision on this peer.
 ANNOUNCED = "announced"
@@ -58,7 +61,6 @@ revisions = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("position", sa.BigInteger, nullable=True),
     sa.Column("undo", sa.Text, nullable=True),
-    sa.Column("keys", sa.Text, nullable=True),
     sa.Column("stored_at", sa.Float, nullable=False),
     sa.UniqueConstraint("origin", "partition", "seq", name="txengine_revisions_origin_seq"),
     sa.Index("txengine_revisions_position", "position"),
@@ -98,12 +100,11 @@ _DESCRIPTOR_JSON = ("parents", "depends_on", "collections", "branch_labels")
 _INSERT_COLUMNS = (
     "id", "partition", "kind", "origin", "seq", "hlc_ms", "hlc_c", "parents", "depends_on",
     "message", "checksum", "collections", "branch_labels", "digest", "signature", "payload",
-    "state", "position", "undo", "keys", "stored_at",
+    "state", "position", "undo", "stored_at",
 )
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+_dumps = dumps
 
 
 def _os_user() -> str:
@@ -118,9 +119,14 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+@functools.cache
+def _row_type(names: tuple[str, ...]) -> type:
+    return collections.namedtuple("LedgerRow", names)  # type: ignore[return-value]
+
+
 def descriptor_from_row(row: Any) -> dict[str, Any]:
     """Rebuild a descriptor from its ledger columns (so any tampered column shows)."""
-    m = row._mapping
+    m = row._asdict() if hasattr(row, "_asdict") else row._mapping
     return {
         "id": m["id"],
         "partition": m["partition"],
@@ -140,7 +146,7 @@ def descriptor_from_row(row: Any) -> dict[str, Any]:
 
 def payload_of(row: Any) -> bytes:
     """Return a row's payload as bytes, even when someone stored it back as text."""
-    value = row._mapping["payload"]
+    value = row.payload
     if value is None:
         return b""
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
@@ -168,8 +174,8 @@ class Applied:
     id: str
     position: int
     undo: list[Any] | None
-    keys: list[Any]
     state: str = APPLIED
+
 
 
 class Ledger:
@@ -187,7 +193,7 @@ class Ledger:
             "insert": f"INSERT INTO txengine_revisions ({', '.join(_INSERT_COLUMNS)})"
                       f" VALUES ({', '.join([ph] * len(_INSERT_COLUMNS))})",
             "applied": f"UPDATE txengine_revisions SET state = {ph}, position = {ph},"
-                       f" undo = {ph}, keys = {ph} WHERE id = {ph}",
+                       f" undo = {ph} WHERE id = {ph}",
             "unapplied": f"UPDATE txengine_revisions SET state = {ph}, position = NULL,"
                          f" undo = NULL WHERE id = {ph}",
             "audit": "INSERT INTO txengine_audit (revision, action, peer_id, os_user, at,"
@@ -218,7 +224,6 @@ class Ledger:
                 applied.state if applied else st,
                 applied.position if applied else None,
                 _dumps(applied.undo) if applied and applied.undo is not None else None,
-                _dumps(applied.keys) if applied else None,
                 now,
             ))
         if params:
@@ -247,13 +252,21 @@ class Ledger:
         return self.conn.execute(sa.select(revisions).where(revisions.c.id == rev_id)).first()
 
     def rows(self, ids: Sequence[str], *columns: str) -> dict[str, Any]:
-        """Return ``{id: row}`` for ``ids`` with the chosen columns, in chunks."""
-        cols = [revisions.c.id, *(revisions.c[name] for name in columns)]
+        """Return ``{id: row}`` for ``ids`` with the chosen columns (attribute access).
+
+        On the driver's cursor: this feeds every bulk batch.
+        """
+        names = ("id", *columns)
+        row_type = _row_type(names)
+        ph = placeholder(self.conn)
+        cur = raw_cursor(self.conn)
         out: dict[str, Any] = {}
+        head = f"SELECT {', '.join(names)} FROM txengine_revisions WHERE id IN ("
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
-            for r in self.conn.execute(sa.select(*cols).where(revisions.c.id.in_(chunk))).all():
-                out[r[0]] = r
+            cur.execute(head + ", ".join([ph] * len(chunk)) + ")", chunk)
+            for values in cur.fetchall():
+                out[values[0]] = row_type(*values)
         return out
 
     def full_rows(self, ids: Sequence[str]) -> dict[str, Any]:
@@ -287,8 +300,8 @@ class Ledger:
         """Record revisions as applied (or conflicted) with their undo records."""
         if entries:
             raw_cursor(self.conn).executemany(self._sql["applied"], [
-                (e.state, e.position, None if e.undo is None else _dumps(e.undo),
-                 _dumps(e.keys), e.id) for e in entries])
+                (e.state, e.position, None if e.undo is None else _dumps(e.undo), e.id)
+                for e in entries])
 
     def mark_unapplied(self, ids: Sequence[str]) -> None:
         """Record revisions as no longer applied (their payloads stay)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .engine import Engine, ProgressCallback, Step
+from .engine import Engine, ProgressCallback, Step, decode_steps
 from .exceptions import (
     ConfigError,
     InvalidInput,
@@ -361,7 +361,8 @@ class Peer:
         if rev_id is None:
             return entries
         return [e for e in entries if e.revision == rev_id or (
-            e.revision is None and any(s[1] == rev_id for s in e.detail.get("steps", ())))]
+            e.revision is None and rev_id in e.detail.get("steps", "")
+            and any(s.revision == rev_id for s in decode_steps(e.detail["steps"])))]
 
     # -- engine commands ------------------------------------------------------------
     def plan(self, action: str, target: str) -> list[Step]:
@@ -394,14 +395,38 @@ class Peer:
     def downgrade(self, target: str, progress: ProgressCallback | None = None
                   ) -> OperationResult:
         """Undo applied revisions back to ``target``; the peer stays pinned there."""
-        result = self._execute("downgrade", target, progress)
-        if result.undone:
+        self._take_lease()
+        if not self.pinned and self.plan("downgrade", target):
+            # Pin before the first batch commits, so an interrupted downgrade stays pinned.
             self._set_pinned(True, {"target": target})
-        return result
+        return self._execute("downgrade", target, progress)
 
     def stamp(self, target: str) -> OperationResult:
         """Mark ``target`` and its ancestry as applied (only those), running nothing."""
         return self._execute("stamp", target, None)
+
+    def adopt(self, table: str = "alembic_version") -> OperationResult:
+        """Stamp what Alembic already applied to this store: its version table's heads.
+
+        The heads in Alembic's ``alembic_version`` and their whole ancestry are
+        marked applied, running nothing and unstamping nothing, so the next
+        ``upgrade`` continues exactly where Alembic stopped. The adopted scripts
+        must be in the script location (``txengine init --from-alembic`` does it).
+        """
+        from .adopt import alembic_version_heads
+        from .engine import Step
+
+        if self.script_location is not None:
+            self._load_scripts()
+        heads = alembic_version_heads(self._conn, table)
+        self._conn.rollback()
+        graph = self._engine.graph
+        want = graph.ancestors([graph.resolve(h) for h in heads]) if heads else set()
+        steps = [Step("stamp", r) for r in graph.canonical_order(want - set(self._engine.applied))]
+        if steps:
+            self._take_lease()
+            self._engine.run(steps, "stamp", None)
+        return OperationResult("stamp", [s.revision for s in steps], [])
 
     def merge(self, revisions: Sequence[str] = ("heads",), message: str = "merge",
               partition: str = DEFAULT_PARTITION) -> RevisionInfo:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .exceptions import ChecksumMismatch, DigestMismatch, MalformedPayload, OversizePayload
 from .ops import Op, op_from_json, op_from_trusted
-from .values import canonical, sha256
+from .values import canonical, loads, sha256
 
 KINDS = ("data", "script", "checkpoint", "config")
 BARRIER_KINDS = frozenset({"script", "checkpoint", "config"})
@@ -62,7 +62,7 @@ def decode_ops(payload: bytes, limit: int = MAX_PAYLOAD_BYTES, trusted: bool = F
     and whose checksum the caller has just verified (bulk replay's hot path).
     """
     if trusted:
-        return [op_from_trusted(item) for item in json.loads(payload)]
+        return [op_from_trusted(item) for item in loads(payload)]
     if len(payload) > limit:
         raise OversizePayload(len(payload), limit)
     try:

@@ -9,6 +9,7 @@ recorded as skipped, the same way on every peer.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +56,27 @@ def run_authored(peer: Peer, rev: Revision, direction: str) -> str | None:
     module = script.module()
     conn = peer._conn
     context = MigrationContext.configure(connection=conn)
-    op = ScriptOp(connection=conn, schema=Operations(context), store_kind=peer._store.kind)
-    getattr(module, direction)(op)
+    schema = Operations(context)
+    func = getattr(module, direction)
+    # Alembic's module-level ``op`` (``from alembic import op``) is a proxy bound by
+    # ``Operations.context``; bind it here so adopted Alembic migrations run unchanged.
+    schema._install_proxy()
+    try:
+        if _takes_no_argument(func):
+            func()  # Alembic's convention: ``def upgrade():`` uses the global ``op``
+        else:
+            func(ScriptOp(connection=conn, schema=schema, store_kind=peer._store.kind))
+    finally:
+        schema._remove_proxy()
     peer._store.forget_tables()
     return None
+
+
+def _takes_no_argument(func: Any) -> bool:
+    """Say whether ``func`` is called with no argument (an Alembic-style ``upgrade()``)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return not any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+                   for p in params)

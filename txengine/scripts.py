@@ -41,6 +41,9 @@ _OP_KWARGS = {"insert": (), "update": ("set", "unset", "inc", "expect", "before"
 _DATA_HEADERS = ("revision", "down_revision", "branch_labels", "depends_on", "descriptor")
 _AUTHORED_HEADERS = ("revision", "down_revision", "branch_labels", "depends_on", "txengine")
 _TXENGINE_KEYS = ("hlc", "origin", "seq", "partition", "stores")
+#: Optional frozen keys: ``depends_on`` holds resolved ids when an adopted Alembic
+#: script's ``depends_on`` names branch labels (Alembic resolves them at load time).
+_TXENGINE_OPTIONAL = ("partition", "depends_on")
 _HEADER_LINE = re.compile(r"^revision\s*(:[^=\n]*)?=", re.MULTILINE)
 _SLUG = re.compile(r"\w+")
 SLUG_LENGTH = 40
@@ -432,8 +435,9 @@ def _authored_header(tree: ast.Module, path: str) -> dict[str, tuple[Any, int]]:
 
 def _frozen(value: Any, path: str, line: int) -> dict[str, Any]:
     """Check the ``txengine = {...}`` keys and stores; :func:`build` users check the rest."""
-    required = set(_TXENGINE_KEYS) - {"partition"}
-    if not isinstance(value, dict) or not required <= set(value) <= set(_TXENGINE_KEYS):
+    required = set(_TXENGINE_KEYS) - set(_TXENGINE_OPTIONAL)
+    allowed = set(_TXENGINE_KEYS) | set(_TXENGINE_OPTIONAL)
+    if not isinstance(value, dict) or not required <= set(value) <= allowed:
         raise MalformedPayload(f"{path}:{line}: header txengine must be a dict with the keys"
                                f" {', '.join(_TXENGINE_KEYS)} (partition is optional)")
     stores, hlc = value["stores"], value["hlc"]
@@ -468,6 +472,9 @@ def load_authored(path: Path) -> AuthoredScript:
     refs = {name: _header_ids(*header.get(name, (None, 1)), name, where)
             for name in ("down_revision", "branch_labels", "depends_on")}
     frozen = _frozen(*header["txengine"], where)
+    if "depends_on" in frozen:
+        refs["depends_on"] = _header_ids(frozen["depends_on"], header["txengine"][1],
+                                         "txengine depends_on", where)
     doc = (ast.get_docstring(tree) or "").strip()
     try:
         for ref in (header["revision"][0], *refs["down_revision"], *refs["depends_on"]):

@@ -7,11 +7,15 @@ key, so the str ``"1"`` and the int ``1`` stay distinct, and ``doc`` holds
 the Extended JSON document, plain JSON values natively so SQL filters can
 use them. ``_incarnation`` is the id of the revision that created the
 document.
+
+A table named like the collection that the app declared itself (e.g. with
+``op.schema.create_table`` in an authored revision) is used as it is: see
+:mod:`txengine.stores.declared` for the mapping, the bookkeeping table
+``txengine_keys`` and the constraints that are refused.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -20,9 +24,13 @@ from sqlalchemy.dialects import postgresql
 
 from ..exceptions import StoreError
 from ..ops import State, check_collection
+from ..revision import DEFAULT_PARTITION
+from ..values import dumps, loads
+from .declared import KEYS_TABLE, DeclaredTable, keys_table, resolve
 
 _JSON = sa.Text().with_variant(postgresql.JSONB(), "postgresql")
 DOC_COLUMNS = {"_partition", "_key", "doc", "_incarnation"}
+_KEYS = keys_table(sa.MetaData())
 
 
 def raw_cursor(conn: sa.Connection) -> Any:
@@ -44,8 +52,7 @@ def placeholder(conn: sa.Connection) -> str:
     return "%s" if conn.dialect.name == "postgresql" else "?"
 
 
-def _dumps(doc: Any) -> str:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+_dumps = dumps
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -80,30 +87,68 @@ class SqlStore:
 
     kind = "sql"
     transactional = True
+    declared_tables = True
+    """App-declared tables serve as collections (see :mod:`.declared`)."""
 
     def __init__(self, conn: sa.Connection) -> None:
         self.conn = conn
         self.dialect = conn.dialect.name
         self._tables: dict[str, sa.Table] = {}
+        self._declared: dict[str, DeclaredTable] = {}
         self._metadata = sa.MetaData()
         self._is_pg = self.dialect == "postgresql"
         self._statements: dict[str, dict[str, str]] = {}
+        self._created: set[str] = set()
+        sa.event.listen(conn, "commit", self._on_commit)
+        sa.event.listen(conn, "rollback", self._on_rollback)
+
+    @property
+    def exact_decimal_columns(self) -> bool:
+        """True when a declared Numeric column holds every Decimal exactly (not SQLite)."""
+        return self._is_pg
+
+    def _on_commit(self, _conn: sa.Connection) -> None:
+        self._created.clear()
+
+    def _on_rollback(self, _conn: sa.Connection) -> None:
+        """Forget tables created (or resolved) in the transaction that was rolled back."""
+        for name in self._created:
+            self._tables.pop(name, None)
+            self._declared.pop(name, None)
+            self._statements.pop(name, None)
+        self._created.clear()
 
     # -- tables --------------------------------------------------------------
     def table(self, collection: str, create: bool = True) -> sa.Table | None:
-        """Return the document table of a collection, creating it when asked."""
+        """Return the JSON document table of a collection, creating it when asked."""
+        found = self.resolve(collection, create)
+        if isinstance(found, DeclaredTable):
+            raise StoreError(f"collection {collection!r} lives in a declared table, not in a"
+                             " JSON document table")
+        return found
+
+    def resolve(self, collection: str, create: bool = True) -> sa.Table | DeclaredTable | None:
+        """Return where a collection lives: its JSON document table or its declared table.
+
+        A missing table is created as a JSON document table when ``create``;
+        an existing table without the document columns is a declared table.
+        """
         table = self._tables.get(collection)
         if table is not None:
             return table
+        declared = self._declared.get(collection)
+        if declared is not None:
+            return declared
         check_collection(collection)
         inspector = sa.inspect(self.conn)
         if inspector.has_table(collection):
             columns = {c["name"] for c in inspector.get_columns(collection)}
             if not DOC_COLUMNS <= columns:
-                raise StoreError(
-                    f"table {collection!r} exists but is not a txengine document table"
-                    f" (columns {sorted(columns)}): pick another collection name"
-                )
+                declared = resolve(self.conn, collection)
+                _KEYS.create(self.conn, checkfirst=True)
+                self._declared[collection] = declared
+                self._created.add(collection)
+                return declared
         elif not create:
             return None
         table = sa.Table(
@@ -115,29 +160,42 @@ class SqlStore:
         )
         table.create(self.conn, checkfirst=True)
         self._tables[collection] = table
+        self._created.add(collection)
         return table
 
     def forget_tables(self) -> None:
         """Drop cached table metadata (after DDL that a script ran)."""
         self._tables.clear()
+        self._declared.clear()
         self._statements.clear()
+        self._created.clear()
         self._metadata = sa.MetaData()
 
     def collections(self) -> list[str]:
-        """Return the document tables in the database (txengine's own excluded)."""
+        """Return the collections holding documents (txengine's own tables excluded).
+
+        JSON document tables, and declared tables once txengine has written a
+        document into them (they have rows in ``txengine_keys``).
+        """
         names = []
         inspector = sa.inspect(self.conn)
-        for name in inspector.get_table_names():
+        tables = inspector.get_table_names()
+        for name in tables:
             if name.startswith("txengine_") or name == "alembic_version":
                 continue
             columns = {c["name"] for c in inspector.get_columns(name)}
             if DOC_COLUMNS <= columns:
                 names.append(name)
+        if KEYS_TABLE in tables:
+            q = sa.select(_KEYS.c.collection).distinct()
+            names += [n for (n,) in self.conn.execute(q) if n in tables]
         return sorted(names)
 
     # -- states --------------------------------------------------------------
     def _decode(self, doc: Any) -> dict[str, Any]:
-        return doc if isinstance(doc, dict) else json.loads(doc)
+        # JSONB keeps numbers as numeric: a whole float beyond ±2^53 (1e21) comes back
+        # as an int, which Extended JSON would have written as $numberLong; restore it.
+        return _whole_floats(doc) if isinstance(doc, dict) else loads(doc)
 
     def cursor(self) -> Any:
         return raw_cursor(self.conn)
@@ -167,8 +225,11 @@ class SqlStore:
 
     def load_states(self, partition: str, collection: str,
                     keys: Iterable[str]) -> dict[str, State]:
-        if self.table(collection, create=False) is None:
+        found = self.resolve(collection, create=False)
+        if found is None:
             return {}
+        if isinstance(found, DeclaredTable):
+            return self._load_declared(found, partition, list(keys))
         keys = list(keys)
         sql = self._sql(collection)
         out: dict[str, State] = {}
@@ -187,7 +248,10 @@ class SqlStore:
 
     def write_states(self, partition: str, collection: str,
                      states: Mapping[str, State]) -> None:
-        self.table(collection)
+        found = self.resolve(collection)
+        if isinstance(found, DeclaredTable):
+            self._write_declared(found, partition, states)
+            return
         sql = self._sql(collection)
         upserts = []
         deletes = []
@@ -203,8 +267,14 @@ class SqlStore:
             cur.executemany(sql["upsert"], upserts)
 
     def documents(self, partition: str, collection: str) -> Iterator[dict[str, Any]]:
-        table = self.table(collection, create=False)
+        table = self.resolve(collection, create=False)
         if table is None:
+            return
+        if isinstance(table, DeclaredTable):
+            rows = sorted((r for r in self._declared_rows(table) if r[0] == partition),
+                          key=lambda r: r[1])
+            for _partition, _text, doc, _inc in rows:
+                yield doc
             return
         q = sa.select(table.c.doc).where(table.c._partition == partition).order_by(table.c._key)
         for (doc,) in self.conn.execute(q):
@@ -213,9 +283,167 @@ class SqlStore:
     def snapshot(self) -> dict[tuple[str, str, str], State]:
         out: dict[tuple[str, str, str], State] = {}
         for name in self.collections():
-            table = self.table(name, create=False)
+            table = self.resolve(name, create=False)
             assert table is not None
+            if isinstance(table, DeclaredTable):
+                for partition, text, doc, inc in self._declared_rows(table):
+                    out[(partition, name, text)] = (doc, inc)
+                continue
             q = sa.select(table.c._partition, table.c._key, table.c.doc, table.c._incarnation)
             for partition, key, doc, inc in self.conn.execute(q):
                 out[(partition, name, key)] = (self._decode(doc), inc)
         return out
+
+
+    # -- declared tables -----------------------------------------------------
+    def _declared_sql(self, table: DeclaredTable) -> dict[str, str]:
+        """Return (and cache) the hand-written statements of a declared table."""
+        if table.sql:
+            return table.sql
+        quote = self.conn.dialect.identifier_preparer.quote
+        ph = self.placeholder()
+        q, key = quote(table.name), quote(table.key.column)
+        names = [quote(n) for n in table.fields]
+        values = ", ".join([ph, *(c.placeholder.format(ph) for c in table.fields.values())])
+        update = (" DO UPDATE SET " + ", ".join(f"{n} = excluded.{n}" for n in names)
+                  if names else " DO NOTHING")
+        where_keys = f"collection = {ph} AND _partition = {ph} AND _key"
+        table.sql = {
+            "select": f"SELECT {', '.join([key, *names])} FROM {q} WHERE {key} IN ",
+            "all": f"SELECT {', '.join([key, *names])} FROM {q}",
+            "upsert": f"INSERT INTO {q} ({', '.join([key, *names])}) VALUES ({values})"
+                      f" ON CONFLICT ({key}){update}",
+            "delete": f"DELETE FROM {q} WHERE {key} = {ph}",
+            "keys": f"SELECT _key, incarnation, nulls FROM {KEYS_TABLE} WHERE {where_keys} IN ",
+            "all_keys": f"SELECT _partition, _key, incarnation, nulls FROM {KEYS_TABLE}"
+                        f" WHERE collection = {ph}",
+            "key_upsert": f"INSERT INTO {KEYS_TABLE} (collection, _partition, _key, incarnation,"
+                          f" nulls) VALUES ({ph}, {ph}, {ph}, {ph}, {ph})"
+                          " ON CONFLICT (collection, _partition, _key) DO UPDATE SET"
+                          " incarnation = excluded.incarnation, nulls = excluded.nulls",
+            "key_delete": f"DELETE FROM {KEYS_TABLE} WHERE {where_keys} = {ph}",
+            "owner": f"SELECT _partition FROM {KEYS_TABLE} WHERE collection = {ph}"
+                     f" AND _partition <> {ph} LIMIT 1",
+            "any": f"SELECT 1 FROM {q} LIMIT 1",
+        }
+        return table.sql
+
+    def _owner(self, table: DeclaredTable) -> str:
+        """Return the partition a declared table's documents belong to.
+
+        The partition of its bookkeeping rows; with none yet, ``default``
+        (rows the app wrote itself, untracked, count as ``default``).
+        """
+        if table.partition is not None:
+            return table.partition
+        cur = self.cursor()
+        cur.execute(self._declared_sql(table)["owner"], (table.name, ""))
+        row = cur.fetchone()
+        if row is not None:
+            table.partition = row[0]
+        return row[0] if row is not None else DEFAULT_PARTITION
+
+    def _claim(self, table: DeclaredTable, partition: str) -> None:
+        """Refuse a write of a second partition into a declared table (no partition column)."""
+        if table.partition == partition:
+            return
+        cur = self.cursor()
+        sql = self._declared_sql(table)
+        cur.execute(sql["owner"], (table.name, partition))
+        row = cur.fetchone()
+        other = row[0] if row is not None else None
+        if other is None and partition != DEFAULT_PARTITION:
+            cur.execute(sql["any"])
+            if cur.fetchone() is not None:
+                cur.execute(sql["owner"], (table.name, DEFAULT_PARTITION))
+                if cur.fetchone() is None:
+                    other = DEFAULT_PARTITION  # untracked rows only: the app's own, in default
+        if other is not None:
+            raise StoreError(
+                f"declared table {table.name!r} holds the documents of partition {other!r} and"
+                f" has no partition column, so partition {partition!r} cannot write to it:"
+                " give that partition a collection of its own")
+        table.partition = partition
+
+    def _load_declared(self, table: DeclaredTable, partition: str,
+                       keys: list[str]) -> dict[str, State]:
+        if partition != self._owner(table):
+            return {}
+        values: dict[Any, str] = {}
+        for text in keys:
+            try:
+                values[table.key_value(text)] = text
+            except StoreError:
+                continue  # a key this table cannot hold is a missing document
+        sql = self._declared_sql(table)
+        ph = self.placeholder()
+        cur = self.cursor()
+        out: dict[str, State] = {}
+        pks = list(values)
+        for i in range(0, len(pks), 500):
+            chunk = pks[i:i + 500]
+            cur.execute(sql["select"] + "(" + ", ".join([ph] * len(chunk)) + ")", chunk)
+            rows = cur.fetchall()
+            if not rows:
+                continue
+            texts = [values[r[0]] for r in rows]
+            cur.execute(sql["keys"] + "(" + ", ".join([ph] * len(texts)) + ")",
+                        (table.name, partition, *texts))
+            meta = {text: (inc, nulls) for text, inc, nulls in cur.fetchall()}
+            for row, text in zip(rows, texts, strict=True):
+                inc, nulls = meta.get(text, (None, None))
+                out[text] = (table.decode(row[0], row[1:], nulls), inc)
+        return out
+
+    def _write_declared(self, table: DeclaredTable, partition: str,
+                        states: Mapping[str, State]) -> None:
+        """Write final states into a declared table and its bookkeeping rows.
+
+        Every document is checked (refused constraints, partition, columns,
+        values) before the group's first statement runs.
+        """
+        if table.refusal:
+            raise StoreError(table.refusal)
+        upserts, deletes, key_upserts, key_deletes = [], [], [], []
+        for text, (doc, inc) in states.items():
+            value = table.key_value(text)
+            if doc is None:
+                deletes.append((value,))
+                key_deletes.append((table.name, partition, text))
+            else:
+                row, nulls = table.encode(text, doc)
+                upserts.append((value, *row))
+                key_upserts.append((table.name, partition, text, inc, nulls))
+        self._claim(table, partition)
+        sql = self._declared_sql(table)
+        cur = self.cursor()
+        if deletes:
+            cur.executemany(sql["delete"], deletes)
+            cur.executemany(sql["key_delete"], key_deletes)
+        if upserts:
+            cur.executemany(sql["upsert"], upserts)
+            cur.executemany(sql["key_upsert"], key_upserts)
+
+    def _declared_rows(self, table: DeclaredTable) -> Iterator[tuple[str, str, Any, Any]]:
+        """Yield (partition, key text, doc, incarnation) of every row of a declared table."""
+        sql = self._declared_sql(table)
+        cur = self.cursor()
+        cur.execute(sql["all_keys"], (table.name,))
+        meta = {text: (partition, inc, nulls) for partition, text, inc, nulls in cur.fetchall()}
+        owner = next((m[0] for m in meta.values()), DEFAULT_PARTITION)
+        cur.execute(sql["all"])
+        for row in cur.fetchall():
+            text = table.key_text_of(row[0])
+            partition, inc, nulls = meta.get(text, (owner, None, None))
+            yield partition, text, table.decode(row[0], row[1:], nulls), inc
+
+
+def _whole_floats(value: Any) -> Any:
+    """Return ``value`` with integers beyond ±(2^53-1) turned back into floats."""
+    if type(value) is int and not -(2**53 - 1) <= value <= 2**53 - 1:
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _whole_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_floats(v) for v in value]
+    return value
