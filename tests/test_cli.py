@@ -436,3 +436,19 @@ def test_demo_nl_streams_events(runner: CliRunner, tmp_path: Path) -> None:
 def test_demo_refuses_a_used_folder(runner: CliRunner, project: Path) -> None:
     result = runner.invoke(cli, ["demo", "--dir", str(project)])
     assert_one_line_error(result, "already holds an alembic.ini")
+
+
+def test_downgrade_accepts_a_negative_relative_target(runner: CliRunner, project: Path) -> None:
+    """`txengine downgrade -1` works as in Alembic: -1 is a target, not an option."""
+    for name in ("Ada", "Grace"):
+        ops = json.dumps([{"op": "insert", "collection": "c", "doc": {"_id": name}}])
+        run(runner, project, "write", "-m", name, "-", input=ops)
+    out = run_json(runner, project, "downgrade", "-1")
+    assert len(out["undone"]) == 1
+    assert [d["_id"] for d in run_json(runner, project, "find", "c")] == ["Ada"]
+
+
+def test_show_head_renders_the_single_head(runner: CliRunner, project: Path) -> None:
+    ops = json.dumps([{"op": "insert", "collection": "c", "doc": {"_id": 1}}])
+    run(runner, project, "write", "-m", "one", "-", input=ops)
+    assert "def upgrade(op):" in run(runner, project, "show", "head").stdout

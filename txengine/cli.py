@@ -430,8 +430,11 @@ def revert(rev: str, message: str | None) -> Output:
 
 # -- moving the peer ----------------------------------------------------------------------
 
+# `downgrade -1` as in Alembic: a negative relative target is an argument, not an option.
+_RELATIVE_TARGETS = {"ignore_unknown_options": True}
 
-@cli.command()
+
+@cli.command(context_settings=_RELATIVE_TARGETS)
 @click.argument("target", default="heads")
 @output_options
 def upgrade(target: str) -> Output:
@@ -441,7 +444,7 @@ def upgrade(target: str) -> Output:
     return _one("operation")(result)
 
 
-@cli.command()
+@cli.command(context_settings=_RELATIVE_TARGETS)
 @click.argument("target")
 @output_options
 def downgrade(target: str) -> Output:
@@ -451,7 +454,7 @@ def downgrade(target: str) -> Output:
     return _one("operation")(result)
 
 
-@cli.command()
+@cli.command(context_settings=_RELATIVE_TARGETS)
 @click.argument("target")
 @output_options
 def stamp(target: str) -> Output:

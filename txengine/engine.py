@@ -96,6 +96,11 @@ class _Work:
         self.dirty.clear()
 
 
+def _id_tuple(text: str) -> tuple[str, ...]:
+    """Parse a stored JSON list of ids; most are empty or hold one parent."""
+    return () if text == "[]" else tuple(loads(text))
+
+
 def node_of(descriptor: dict[str, Any]) -> Node:
     """Return the graph node of a descriptor."""
     ms, counter = descriptor["hlc"]
@@ -125,17 +130,19 @@ class Engine:
         self.messages: dict[str, str] = {}
         self.applied: dict[str, int] = {}
         self.clock = Clock()
-        for row in self.ledger.nodes():
-            node = Node(row.id, tuple(json.loads(row.parents)), tuple(json.loads(row.depends_on)),
-                        (row.hlc_ms, row.hlc_c), row.origin, row.kind,
-                        tuple(json.loads(row.branch_labels)))
-            self.graph.add(node)
-            self.partition[row.id] = row.partition
-            self.messages[row.id] = row.message
-            if row.position is not None:
-                self.applied[row.id] = row.position
+        add = self.graph.add
+        partition, messages, applied = self.partition, self.messages, self.applied
+        for (rev_id, part, kind, origin, ms, counter, parents, depends_on, labels, position,
+             message) in self.ledger.nodes():
+            node = Node(rev_id, _id_tuple(parents), _id_tuple(depends_on), (ms, counter),
+                        origin, kind, _id_tuple(labels))
+            add(node)
+            partition[rev_id] = part
+            messages[rev_id] = message
+            if position is not None:
+                applied[rev_id] = position
                 self.clock.absorb(node.hlc)
-            elif row.origin == self.origin:
+            elif origin == self.origin:
                 self.clock.absorb(node.hlc)
         self.next_position = max(self.applied.values(), default=0) + 1
         self.seqs = self.ledger.max_seq(self.origin)

@@ -366,8 +366,27 @@ class Graph:
         return heads[0]
 
     def _lineage(self, rev_id: str) -> set[str]:
-        """Return Alembic's branch lineage: the labelled revision's ancestors and descendants."""
-        return self.ancestors([rev_id]) | self.descendants([rev_id])
+        """Return Alembic's branch lineage: the labelled revision's ancestors and descendants.
+
+        As Alembic's ``_shares_lineage`` (``include_dependencies=False``), only
+        ``parents`` edges count: a revision that merely depends on a branch is
+        not on it.
+        """
+        return self._chain_ancestors([rev_id]) | self._reach(
+            [rev_id], lambda r: self._children.get(r, ()), True)
+
+    def _chain_ancestors(self, ids: Iterable[str]) -> set[str]:
+        """Return the inclusive ancestry of ``ids`` through ``parents`` only."""
+        return self._reach(ids, lambda r: self._nodes[r].parents, True)
+
+    def _resolve_on(self, ref: str, lineage: set[str]) -> str:
+        """Resolve ``ref`` as Alembic's ``BRANCH@REV``: a prefix only counts on the branch."""
+        if ref in self._nodes or ref in self._labels:
+            return self.resolve(ref)
+        matches = [rid for rid in self._nodes if rid.startswith(ref) and rid in lineage]
+        if len(matches) > 1:
+            raise AmbiguousRevision(ref, matches)
+        return matches[0] if matches else self.resolve(ref)
 
     def _tips(self, subset: set[str]) -> list[str]:
         """Return the heads of the subgraph ``subset`` (members without a child in it)."""
@@ -391,12 +410,17 @@ class Graph:
         if not branch or not rest:
             raise InvalidTarget(target, "write BRANCH@head, BRANCH@+N or BRANCH@REV")
         labelled = self.resolve(branch)
+        if rest == "base":
+            return ()
+        lineage = self._lineage(labelled)
         if rest in ("head", "heads"):
-            below = self.descendants([labelled])
-            heads = [h for h in self.heads() if h in below]
+            heads = [h for h in self.heads() if h in lineage]
             return tuple(heads) if rest == "heads" else (self._single(heads, target),)
-        rev = self.resolve(rest)
-        if rev not in self._lineage(labelled):
+        if not upward:
+            # Alembic's downgrade takes REV as is; BRANCH only narrows what is undone.
+            return (self.resolve(rest),)
+        rev = self._resolve_on(rest, lineage)
+        if rev not in lineage:
             raise InvalidTarget(target, f"revision {rev[:12]} is not on branch {branch!r}")
         return (rev,)
 
@@ -481,11 +505,37 @@ class Graph:
                     f"revision {rid[:12]} is not applied: downgrade moves back to an applied"
                     " revision; use upgrade to move forward",
                 )
+        scope = self._downgrade_scope(target, done)
         if targets:
-            above = self.descendants(targets)
-            undo = (above - self._reach(targets, self._predecessors, True, above)) & done
+            roots = [c for c in self._children.get(targets[0], ()) if c in self._nodes]
+        elif scope is None:
+            roots = []
         else:
-            undo = done
+            roots = [r for r, n in self._nodes.items() if not n.parents]
+        if scope is not None and len(roots) > 1:
+            keep = self._chain_ancestors([scope])
+            roots = [r for r in roots if r in keep]
+            if not roots:
+                raise InvalidTarget(target, f"nothing above it is on branch {scope[:12]}")
+        undo = self.descendants(roots) & done if targets or scope is not None else done
         plan = self.canonical_order(undo)
         plan.reverse()
         return plan
+
+    def _downgrade_scope(self, target: str, done: set[str]) -> str | None:
+        """Return the revision whose branch a downgrade is limited to, as Alembic does.
+
+        ``BRANCH@...`` undoes only what lies on BRANCH above the target, and
+        ``-N`` only what lies below the applied head it walked down from; the
+        limit only matters where the target has several children (roots).
+        """
+        match = _RELATIVE.fullmatch(target)
+        if match:
+            if match["branch"]:
+                return self.resolve(match["branch"])
+            if match["symbol"] is None:
+                tips = self._tips(done)
+                return tips[0] if len(tips) == 1 else None
+            return None
+        branch, at, _ = target.rpartition("@")
+        return self.resolve(branch) if at and branch else None

@@ -239,13 +239,17 @@ class Ledger:
             )
         )
 
-    def nodes(self) -> Iterator[Any]:
-        """Yield the light columns of every revision (no payloads, no undo)."""
-        c = revisions.c
-        yield from self.conn.execute(sa.select(
-            c.id, c.partition, c.kind, c.origin, c.seq, c.hlc_ms, c.hlc_c, c.parents,
-            c.depends_on, c.branch_labels, c.state, c.position, c.message,
-        ))
+    def nodes(self) -> list[tuple[Any, ...]]:
+        """Return the light columns of every revision (no payloads, no undo).
+
+        (id, partition, kind, origin, hlc_ms, hlc_c, parents, depends_on,
+        branch_labels, position, message), on the driver's cursor: opening a
+        peer reads this for the whole history.
+        """
+        cur = raw_cursor(self.conn)
+        cur.execute("SELECT id, partition, kind, origin, hlc_ms, hlc_c, parents, depends_on,"
+                    " branch_labels, position, message FROM txengine_revisions")
+        return cur.fetchall()
 
     def row(self, rev_id: str) -> Any | None:
         """Return the full ledger row of one revision."""

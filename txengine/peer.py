@@ -306,8 +306,12 @@ class Peer:
         return self._engine.messages.get(rev_id, "")
 
     def resolve(self, ref: str) -> str:
-        """Return the full id of a revision named by id, prefix or branch label."""
-        return self._engine.graph.resolve(ref)
+        """Return the full id of a revision named by id, prefix, branch label or ``head``."""
+        graph = self._engine.graph
+        if ref in ("head", "heads") or ref.endswith("@head"):
+            plan = graph.upgrade_plan("head" if ref == "heads" else ref, ())
+            return plan[-1]
+        return graph.resolve(ref)
 
     def heads(self) -> list[RevisionInfo]:
         """Return the revisions with no children, in canonical order."""

@@ -21,6 +21,8 @@ class Store(Protocol):
     """``"sql"`` or ``"mongo"``: the store kinds an authored script declares."""
     transactional: bool
     """True when data, ledger and audit writes commit in one transaction."""
+    declared_tables: bool
+    """True when an app-declared table (SQL) can hold a collection, column for field."""
 
     def load_states(self, partition: str, collection: str,
                     keys: Iterable[str]) -> dict[str, State]:

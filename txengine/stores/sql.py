@@ -60,6 +60,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA cache_size=-65536")
     cur.close()
 
 
@@ -113,7 +114,9 @@ class SqlStore:
     def _on_rollback(self, _conn: sa.Connection) -> None:
         """Forget tables created (or resolved) in the transaction that was rolled back."""
         for name in self._created:
-            self._tables.pop(name, None)
+            table = self._tables.pop(name, None)
+            if table is not None:
+                self._metadata.remove(table)
             self._declared.pop(name, None)
             self._statements.pop(name, None)
         self._created.clear()
