@@ -128,6 +128,8 @@ def _intended_difference(action: str, target: str, current: tuple[str, ...],
     """Say whether docs/alembic.md lists this case as a difference on purpose."""
     if action == "downgrade" and target.startswith("-") and len(current) > 1:
         return True  # `downgrade -N` with several heads: Alembic picks the first head
+    if action == "downgrade" and target.endswith(("@head", "@heads")):
+        return True  # Alembic's downgrade drops BRANCH from BRANCH@head when resolving head
     return False
 
 

@@ -505,6 +505,8 @@ class Graph:
                     f"revision {rid[:12]} is not applied: downgrade moves back to an applied"
                     " revision; use upgrade to move forward",
                 )
+        if len(targets) > 1:  # Alembic: a downgrade goes back to one revision
+            raise MultipleHeads(targets, target)
         scope = self._downgrade_scope(target, done)
         if targets:
             roots = [c for c in self._children.get(targets[0], ()) if c in self._nodes]
