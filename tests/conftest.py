@@ -18,8 +18,13 @@ from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import Phase, settings
 
 from txengine.peer import Peer
+
+# `pytest --hypothesis-profile=noshrink` reports the first failing example at once
+# (shrinking a slow store-backed property can take minutes).
+settings.register_profile("noshrink", phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 POSTGRES_ENV = "TXENGINE_TEST_POSTGRES_URL"
 BACKENDS = ["sqlite", "postgresql"]

@@ -207,6 +207,8 @@ def test_adopting_a_partly_migrated_database_upgrades_from_where_alembic_stopped
     assert "audit_log" in tables(db)
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT name FROM sqlite_master WHERE name='ix_email'").fetchone()
+        # On purpose: txengine's ledger is the record now; alembic_version is left alone.
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("c3",)]
 
 
 # -- the freeze -----------------------------------------------------------------------

@@ -116,7 +116,6 @@ class Engine:
                  scripts: ScriptRunner | None = None, batch_size: int = 2000) -> None:
         self.store = store
         self.ledger = ledger
-        self.conn = store.conn
         self.origin = origin
         self.run_script = scripts
         self.batch_size = batch_size
@@ -150,7 +149,7 @@ class Engine:
         for rev_id in self.applied:
             if not any(c in self.applied for c in self.graph.children(rev_id)):
                 self.applied_heads[self.partition[rev_id]].add(rev_id)
-        self.conn.rollback()
+        self.store.rollback()
 
     def _mark_applied(self, rev_id: str, position: int) -> None:
         self.applied[rev_id] = position
@@ -191,9 +190,9 @@ class Engine:
             self.ledger.insert(rev, APPLIED, applied)
             self.ledger.audit("apply", rev.id, duration_ms=_ms(started),
                               detail={"write": True, **_conflict_detail(conflicts)})
-            self.conn.commit()
+            self.store.commit()
         except BaseException:
-            self.conn.rollback()
+            self.store.rollback()
             raise
         self.graph.add(node_of(rev.descriptor))
         self.partition[rev.id] = rev.partition
@@ -282,7 +281,7 @@ class Engine:
     def _dirty_walk(self, sequence: list[str], changed: set[str]) -> list[str]:
         """Return the unchanged revisions of ``sequence`` that meet a changed one's writes."""
         rows = self.ledger.rows(sequence, "undo", "payload", "kind", "partition")
-        self.conn.rollback()
+        self.store.rollback()
 
         def keys_of(rev_id: str) -> set[tuple[str, ...]]:
             row = rows[rev_id]
@@ -320,7 +319,7 @@ class Engine:
                 if progress:
                     progress(Progress(action, done, len(steps), batch[-1].revision))
         except BaseException:
-            self.conn.rollback()
+            self.store.rollback()
             self.load()
             raise
 
@@ -413,7 +412,7 @@ class Engine:
                 "count": len(batch), "first": ids[0], "last": ids[-1],
                 "steps": encode_steps(batch)}))
         self.ledger.audit_many(audit)
-        self.conn.commit()
+        self.store.commit()
         for rev_id in removed:
             self._mark_unapplied(rev_id)
         for rev_id, position in positions.items():
@@ -443,7 +442,7 @@ class Engine:
         if new:
             self.ledger.insert_many([(rev, FETCHED, None) for rev in new])
             self.ledger.audit_many([("receive", r.id, "ok", 0.0, {}) for r in new])
-            self.conn.commit()
+            self.store.commit()
             for rev in new:
                 self.graph.add(node_of(rev.descriptor))
                 self.partition[rev.id] = rev.partition

@@ -389,14 +389,22 @@ class Graph:
         return matches[0] if matches else self.resolve(ref)
 
     def _tips(self, subset: set[str]) -> list[str]:
-        """Return the heads of the subgraph ``subset`` (members without a child in it)."""
-        tips = [r for r in subset if not any(c in subset for c in self._children.get(r, ()))]
+        """Return the heads of the subgraph ``subset``: no child nor dependent in it.
+
+        These are what Alembic's ``alembic_version`` would hold for an applied set.
+        """
+        children, dependents = self._children, self._dependents
+        tips = [r for r in subset if not any(c in subset for c in children.get(r, ()))
+                and not any(d in subset for d in dependents.get(r, ()))]
         return self.canonical_order(tips)
 
     def _resolve_target(self, target: str, applied: set[str], upward: bool) -> tuple[str, ...]:
         """Turn Alembic target syntax into revision ids; () means base."""
         if target == "heads":
-            return tuple(self.heads())
+            # Alembic's "real" heads: a head that another revision depends on is left
+            # out (it comes along as a dependency); the upgrade plan is the same.
+            return tuple(h for h in self.heads()
+                         if not any(d in self._nodes for d in self._dependents.get(h, ())))
         if target == "head":
             return (self._single(self.heads(), target),)
         if target == "base":
@@ -440,7 +448,11 @@ class Graph:
                 raise InvalidTarget(target, "a downgrade moves back: use -N or name a revision")
             if delta < 0 and upward:
                 raise InvalidTarget(target, "an upgrade moves forward: use +N or name a revision")
-            tips = self._tips(applied if lineage is None else applied & lineage)
+            # Alembic: the applied heads on the branch, else the tips of what is
+            # applied on it (the branch point the walk starts from).
+            tips = self._tips(applied)
+            if lineage is not None:
+                tips = [t for t in tips if t in lineage] or self._tips(applied & lineage)
             if len(tips) > 1:
                 raise MultipleHeads(tips, target)
             start = tips[0] if tips else None
@@ -491,10 +503,12 @@ class Graph:
     def downgrade_plan(self, target: str, applied: Collection[str]) -> list[str]:
         """Return the applied revisions to undo to go back to ``target``, latest first.
 
-        Alembic's rule: undo the applied descendants of the target, keeping the
-        target and whatever it needs. One walk down from the targets and one
-        back up inside what it found, so the cost follows the revisions above
-        the target (linear at worst), never one ancestry walk per undone step.
+        Alembic's rule (``_collect_downgrade_revisions``): undo the applied
+        descendants of the target's children, so the target stays and so does a
+        revision that merely depends on it; ``BRANCH@...`` and ``-N`` limit the
+        children to one branch. One walk up from those children, so the cost
+        follows the revisions above the target (linear at worst), never one
+        ancestry walk per undone step as Alembic's topological sort does.
         """
         done = set(applied)
         targets = self._resolve_target(target, done, upward=False)

@@ -73,7 +73,7 @@ def _check_known(engine: Engine, batch: dict[str, Revision]) -> dict[str, Revisi
     for rev in batch.values():
         slots[(rev.descriptor["origin"], rev.partition)].append(rev.descriptor["seq"])
     taken = {key: engine.ledger.slots(*key, seqs) for key, seqs in slots.items()}
-    engine.conn.rollback()
+    engine.store.rollback()
     new = {}
     for rev in batch.values():
         d = rev.descriptor

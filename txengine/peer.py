@@ -211,13 +211,13 @@ class Peer:
         """True after a local downgrade, until ``upgrade heads``: writes are refused."""
         if self._pinned is None:
             self._pinned = self._ledger.get_state("pinned") == "1"
-            self._conn.rollback()
+            self._store.rollback()
         return self._pinned
 
     def _set_pinned(self, value: bool, detail: dict[str, Any]) -> None:
         self._ledger.set_state("pinned", "1" if value else "0")
         self._ledger.audit("pin" if value else "unpin", None, detail=detail)
-        self._conn.commit()
+        self._store.commit()
         self._pinned = value
 
     def _before_write(self) -> None:
@@ -274,7 +274,7 @@ class Peer:
         probe = op_from_json({"op": "delete", "collection": collection, "key": to_ejson(key)})
         text = key_text(probe.key)
         found = self._store.load_states(partition, collection, [text])
-        self._conn.rollback()
+        self._store.rollback()
         doc = found.get(text, (None, None))[0]
         return None if doc is None else from_ejson(doc)
 
@@ -286,7 +286,7 @@ class Peer:
             raise InvalidInput("filter must be a dict of field: value")
         docs = [d for d in self._store.documents(partition, collection)
                 if all(d.get(f, _MISSING) == v for f, v in wanted.items())]
-        self._conn.rollback()
+        self._store.rollback()
         return [from_ejson(d) for d in docs]
 
     # -- graph queries ------------------------------------------------------------
@@ -346,7 +346,7 @@ class Peer:
         """Return a revision (descriptor + payload) from the ledger."""
         rev_id = self.resolve(ref)
         row = self._ledger.row(rev_id)
-        self._conn.rollback()
+        self._store.rollback()
         return Revision(descriptor_from_row(row), payload_of(row))
 
     def show(self, ref: str) -> RevisionDetail:
@@ -361,7 +361,7 @@ class Peer:
         """Return the audit trail, oldest first; with ``revision``, what concerns it."""
         rev_id = self.resolve(revision) if revision else None
         entries = self._ledger.audit_entries()
-        self._conn.rollback()
+        self._store.rollback()
         if rev_id is None:
             return entries
         return [e for e in entries if e.revision == rev_id or (
@@ -423,7 +423,7 @@ class Peer:
         if self.script_location is not None:
             self._load_scripts()
         heads = alembic_version_heads(self._conn, table)
-        self._conn.rollback()
+        self._store.rollback()
         graph = self._engine.graph
         want = graph.ancestors([graph.resolve(h) for h in heads]) if heads else set()
         steps = [Step("stamp", r) for r in graph.canonical_order(want - set(self._engine.applied))]
@@ -467,7 +467,7 @@ class Peer:
         if rev.id not in self._engine.applied:
             raise IrreversibleRevision(rev.id, "it is not applied on this peer: upgrade first")
         row = self._ledger.row(rev.id)
-        self._conn.rollback()
+        self._store.rollback()
         prior = {(c, k): doc for c, k, doc, _inc in json.loads(row.undo or "[]")}
         with self.transaction(message or f"Revert {rev.id[:12]}: {rev.message}",
                               rev.partition) as tx:
@@ -507,7 +507,7 @@ class Peer:
                     Revision(d, payload_of(row)).ops  # noqa: B018 - parse to check
             except TxEngineError as exc:
                 findings.append(Finding(row.id, str(exc)))
-        self._conn.rollback()
+        self._store.rollback()
         for rev_id, problem in self._engine.graph.validate():
             findings.append(Finding(rev_id, problem))
         findings += self._verify_scripts()
@@ -593,7 +593,7 @@ class Peer:
         for rev in changed:
             self._ledger.update_payload(rev)
         if changed:
-            self._conn.commit()
+            self._store.commit()
 
     def _verify_scripts(self) -> list[Finding]:
         findings = []
@@ -606,7 +606,7 @@ class Peer:
                     f"authored script {script.path} changed after it was applied (checksum"
                     f" {script.revision.descriptor['checksum'][:12]}, applied"
                     f" {row.checksum[:12]}): restore the file, or write a new revision")))
-        self._conn.rollback()
+        self._store.rollback()
         return findings
 
     def _run_script(self, rev: Revision, direction: str) -> str | None:
@@ -618,12 +618,12 @@ class Peer:
                   ) -> Iterator[dict[str, Any]]:
         """Yield a collection's documents as stored (Extended JSON)."""
         yield from list(self._store.documents(partition, collection))
-        self._conn.rollback()
+        self._store.rollback()
 
     def snapshot(self) -> dict[tuple[str, str, str], Any]:
         """Return every document state (partition, collection, key) -> (doc, incarnation)."""
         snap = self._store.snapshot()
-        self._conn.rollback()
+        self._store.rollback()
         return snap
 
 

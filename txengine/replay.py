@@ -23,7 +23,7 @@ def replay_findings(peer: Peer) -> list[Finding]:
 
     applied = list(peer._engine.applied)
     rows = peer._ledger.full_rows(applied)
-    peer._conn.rollback()
+    peer._store.rollback()
     items = [(descriptor_from_row(rows[r]), payload_of(rows[r])) for r in
              peer._engine.graph.canonical_order(applied)]
     with tempfile.TemporaryDirectory(prefix="txengine-replay-") as scratch:

@@ -42,10 +42,10 @@ class Transaction:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
-            self.peer._conn.rollback()
+            self.peer._store.rollback()
             return
         if not self.ops:
-            self.peer._conn.rollback()
+            self.peer._store.rollback()
             return
         self.revision = self.peer._commit_ops(self.message, self.partition, self.ops,
                                               self._original)

@@ -24,6 +24,14 @@ class Store(Protocol):
     declared_tables: bool
     """True when an app-declared table (SQL) can hold a collection, column for field."""
 
+    def commit(self) -> None:
+        """Commit data, ledger and audit writes together (or finish the intent record)."""
+        ...
+
+    def rollback(self) -> None:
+        """Drop uncommitted writes; end a read snapshot."""
+        ...
+
     def load_states(self, partition: str, collection: str,
                     keys: Iterable[str]) -> dict[str, State]:
         """Return the state of each key (text form) that exists; missing keys are absent."""

@@ -196,9 +196,18 @@ class SqlStore:
 
     # -- states --------------------------------------------------------------
     def _decode(self, doc: Any) -> dict[str, Any]:
-        # JSONB keeps numbers as numeric: a whole float beyond ±2^53 (1e21) comes back
-        # as an int, which Extended JSON would have written as $numberLong; restore it.
-        return _whole_floats(doc) if isinstance(doc, dict) else loads(doc)
+        # A bare integer beyond ±(2^53-1) can only be a whole float (Extended JSON writes
+        # such ints as $numberLong): RFC 8785 prints -5.6e16 as digits and JSONB keeps
+        # numbers as numeric, so restore the float on every store alike.
+        return _whole_floats(doc if isinstance(doc, dict) else loads(doc))
+
+    def commit(self) -> None:
+        """Commit the data, ledger and audit writes of the current transaction."""
+        self.conn.commit()
+
+    def rollback(self) -> None:
+        """Drop uncommitted writes; after reads, end the snapshot so the next read is fresh."""
+        self.conn.rollback()
 
     def cursor(self) -> Any:
         return raw_cursor(self.conn)

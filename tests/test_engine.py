@@ -1,0 +1,233 @@
+"""Engine behaviours through the Peer API: writes, partitions, graph queries, merge,
+stamp, revert, pinning, out-of-order downgrades, the clock, seq and the audit."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import ledger_items, replayed_snapshot, strict
+
+from txengine.clock import Clock
+from txengine.exceptions import DocumentNotFound, PinnedPeer
+from txengine.peer import Peer
+
+
+class Boom(Exception):
+    pass
+
+
+def write(peer: Peer, message: str, fn, partition: str = "default") -> str:
+    with peer.transaction(message, partition=partition) as tx:
+        fn(tx)
+    time.sleep(0.003)  # distinct hlc milliseconds keep the canonical order readable
+    return tx.revision.id
+
+
+def share(source: Peer, target: Peer) -> None:
+    target.receive([i for i in ledger_items(source) if i[0]["id"] not in target._engine.graph])
+
+
+def test_exception_inside_a_transaction_writes_nothing(peer: Peer) -> None:
+    write(peer, "seed", lambda tx: tx.insert("items", {"_id": 1}))
+    audit = len(peer.audit())
+    with pytest.raises(Boom):
+        with peer.transaction("doomed") as tx:
+            tx.insert("items", {"_id": 2})
+            tx.update("items", 1, set={"a": 1})
+            raise Boom()
+    assert tx.revision is None
+    assert peer.find("items") == [{"_id": 1}]
+    assert len(peer.history()) == 1 and len(peer.audit()) == audit
+
+
+def test_update_of_a_missing_document_says_how_to_fix_it(peer: Peer) -> None:
+    with pytest.raises(DocumentNotFound, match=r"^no document '1' in 'items': insert it first"):
+        with peer.transaction("bad") as tx:
+            tx.update("items", "1", set={"a": 1})
+    assert peer.history() == []
+
+
+def test_partitions_isolate_the_same_collection_and_key(peer: Peer) -> None:
+    write(peer, "a", lambda tx: tx.insert("items", {"_id": 1, "who": "default"}))
+    write(peer, "b", lambda tx: tx.insert("items", {"_id": 1, "who": "user"}), "user:1")
+    write(peer, "c", lambda tx: tx.delete("items", 1))
+    assert peer.get("items", 1) is None
+    assert peer.get("items", 1, partition="user:1") == {"_id": 1, "who": "user"}
+    assert {r.partition for r in peer.heads()} == {"default", "user:1"}
+
+
+def test_seq_counts_per_origin_and_partition(peer: Peer) -> None:
+    ids = [write(peer, "a", lambda tx: tx.insert("items", {"_id": 1})),
+           write(peer, "b", lambda tx: tx.insert("items", {"_id": 1}), "user:1"),
+           write(peer, "c", lambda tx: tx.insert("items", {"_id": 2}))]
+    seqs = [(peer.revision(r).descriptor["partition"], peer.revision(r).descriptor["seq"])
+            for r in ids]
+    assert seqs == [("default", 1), ("user:1", 1), ("default", 2)]
+    assert {peer.revision(r).descriptor["origin"] for r in ids} == {"test:0"}
+
+
+def test_heads_current_history_and_parents_follow_the_chain(peer: Peer) -> None:
+    first = write(peer, "one", lambda tx: tx.insert("items", {"_id": 1}))
+    second = write(peer, "two", lambda tx: tx.update("items", 1, set={"a": 1}))
+    assert [r.id for r in peer.heads()] == [second]
+    assert [r.id for r in peer.current()] == [second]
+    assert [r.id for r in peer.history()] == [second, first]
+    assert peer.info(second).parents == (first,) and peer.info(first).parents == ()
+    assert peer.info(second).message == "two" and peer.info(second).is_head
+    peer.downgrade("-1")
+    assert [r.id for r in peer.current()] == [first]
+    assert [r.id for r in peer.heads()] == [second]
+
+
+def concurrent_peers(store_url: str, new_store) -> tuple[Peer, Peer, str]:
+    a = Peer.open(store_url, peer_id="alice")
+    b = Peer.open(new_store(), peer_id="bob")
+    root = write(a, "root", lambda tx: (tx.insert("items", {"_id": "x", "n": 0}),
+                                        tx.insert("items", {"_id": "y", "n": 0})))
+    share(a, b)
+    b.upgrade("heads")
+    return a, b, root
+
+
+def test_concurrent_heads_show_as_branches_and_merge_joins_them(store_url, new_store) -> None:
+    """
+        root
+        /  \\
+      a1    b1      -> merge(a1, b1)
+    """
+    a, b, root = concurrent_peers(store_url, new_store)
+    try:
+        a1 = write(a, "a1", lambda tx: tx.update("items", "x", set={"a": 1}))
+        b1 = write(b, "b1", lambda tx: tx.update("items", "y", set={"b": 1}))
+        share(b, a)
+        assert a.info(b1).applied is False
+        a.upgrade("heads")
+        assert sorted(h.id for h in a.heads()) == sorted([a1, b1])
+        assert [r.id for r in a.branches()] == [root]
+        merged = a.merge(message="join")
+        assert merged.parents == tuple(sorted([a1, b1]))
+        assert [h.id for h in a.heads()] == [merged.id] == [r.id for r in a.current()]
+        assert a.get("items", "x")["a"] == 1 and a.get("items", "y")["b"] == 1
+        assert a.verify(replay=True).ok
+    finally:
+        a.close()
+        b.close()
+
+
+def test_downgrade_of_a_middle_branch_redoes_later_conflicting_revisions(
+        store_url, new_store) -> None:
+    """Canonical order root, a1, b1, a2, b2; a2 and b2 both write x, b1 writes y.
+
+        root
+        /  \\
+      a1    b1
+      |     |
+      a2    b2      downgrade a1: a2 goes, b2 (after it, same key) is undone and redone.
+    """
+    a, b, root = concurrent_peers(store_url, new_store)
+    try:
+        a1 = write(a, "a1", lambda tx: tx.update("items", "x", set={"a": 1}))
+        b1 = write(b, "b1", lambda tx: tx.update("items", "y", set={"b": 1}))
+        a2 = write(a, "a2", lambda tx: tx.update("items", "x", set={"c": 2}, inc={"n": 10}))
+        b2 = write(b, "b2", lambda tx: tx.update("items", "x", inc={"n": 1}))
+        share(b, a)
+        a.upgrade("heads")
+        assert a._engine.graph.canonical_order([root, a1, a2, b1, b2]) == [root, a1, b1, a2, b2]
+        assert a.get("items", "x") == {"_id": "x", "n": 11, "a": 1, "c": 2}
+        result = a.downgrade(a1)
+        assert result.undone == [a2]
+        assert sorted(a._engine.applied) == sorted([root, a1, b1, b2])
+        assert a.get("items", "x") == {"_id": "x", "n": 1, "a": 1}
+        assert a.get("items", "y") == {"_id": "y", "n": 0, "b": 1}
+        assert strict(a.snapshot()) == strict(replayed_snapshot(a, new_store()))
+        assert a.verify(replay=True).ok
+        a.upgrade("heads")
+        assert a.get("items", "x") == {"_id": "x", "n": 11, "a": 1, "c": 2}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_downgrade_pins_the_peer_and_refuses_writes_until_upgrade_heads(peer: Peer) -> None:
+    write(peer, "one", lambda tx: tx.insert("items", {"_id": 1}))
+    write(peer, "two", lambda tx: tx.insert("items", {"_id": 2}))
+    peer.downgrade("-1")
+    assert peer.pinned
+    with pytest.raises(PinnedPeer, match=r"^this peer is pinned by a local downgrade and refuses"
+                       r" new writes: run `txengine upgrade heads` to unpin it$"):
+        with peer.transaction("no") as tx:
+            tx.insert("items", {"_id": 3})
+    peer.upgrade("+1")
+    assert not peer.pinned, "reaching every head unpins"
+    write(peer, "three", lambda tx: tx.insert("items", {"_id": 3}))
+    assert [a.action for a in peer.audit() if a.action in ("pin", "unpin")] == ["pin", "unpin"]
+
+
+def test_stamp_marks_revisions_applied_without_running_them(store_url, new_store) -> None:
+    with Peer.open(store_url, peer_id="test") as source, Peer.open(new_store()) as other:
+        first = write(source, "one", lambda tx: tx.insert("items", {"_id": 1}))
+        second = write(source, "two", lambda tx: tx.insert("items", {"_id": 2}))
+        share(source, other)
+        result = other.stamp(first)
+        assert result.applied == [first]
+        assert other.snapshot() == {} and [r.id for r in other.current()] == [first]
+        other.upgrade("heads")
+        assert other.find("items") == [{"_id": 2}]
+        other.stamp("base")
+        assert other.current() == [] and other.find("items") == [{"_id": 2}]
+        assert [e.action for e in other.audit(second)][-1] in ("unstamp", "stamp")
+
+
+def test_revert_restores_only_what_still_holds_the_reverted_value(peer: Peer) -> None:
+    write(peer, "create", lambda tx: tx.insert("items", {"_id": 1, "a": 1, "b": 1, "n": 5}))
+    target = write(peer, "change", lambda tx: tx.update("items", 1, set={"a": 2, "b": 2},
+                                                        inc={"n": 3}))
+    write(peer, "later", lambda tx: tx.update("items", 1, set={"b": 3}))
+    reverted = peer.revert(target)
+    assert reverted.message == f"Revert {target[:12]}: change"
+    assert peer.get("items", 1) == {"_id": 1, "a": 1, "b": 3, "n": 5}
+    assert peer.verify(replay=True).ok
+
+
+def test_revert_of_a_deleted_insert_writes_nothing(peer: Peer) -> None:
+    target = write(peer, "create", lambda tx: tx.insert("items", {"_id": 1}))
+    write(peer, "gone", lambda tx: tx.delete("items", 1))
+    assert peer.revert(target) is None
+    assert peer.get("items", 1) is None
+
+
+def test_clock_stays_monotonic_when_the_wall_clock_steps_back() -> None:
+    readings = iter([1000, 1000, 400, 400, 2000])
+    clock = Clock(wall=lambda: next(readings))
+    issued = [clock.tick() for _ in range(5)]
+    assert issued == [(1000, 0), (1000, 1), (1000, 2), (1000, 3), (2000, 0)]
+    later = Clock(wall=lambda: 10)
+    assert later.tick([(5000, 7)]) == (5000, 8)
+
+
+def test_new_revision_hlc_exceeds_its_parents_across_a_reopen(store_url: str) -> None:
+    with Peer.open(store_url, peer_id="test") as peer:
+        first = write(peer, "one", lambda tx: tx.insert("items", {"_id": 1}))
+        hlc = peer.info(first).hlc
+    with Peer.open(store_url, peer_id="test") as peer:
+        peer._engine.clock._wall = lambda: 1  # the wall clock jumped back to 1970
+        second = write(peer, "two", lambda tx: tx.insert("items", {"_id": 2}))
+        assert peer.info(second).hlc > hlc
+
+
+def test_audit_rows_have_every_field_and_are_never_updated(peer: Peer) -> None:
+    rev = write(peer, "one", lambda tx: tx.insert("items", {"_id": 1}))
+    peer.downgrade("base")
+    first = peer.audit()
+    peer.upgrade("heads")
+    write(peer, "two", lambda tx: tx.insert("items", {"_id": 2}))
+    after = peer.audit()
+    assert after[:len(first)] == first
+    assert [e.seq for e in after] == sorted({e.seq for e in after})
+    assert [(e.action, e.revision) for e in after if e.revision == rev][:2] == [
+        ("apply", rev), ("undo", rev)]
+    for entry in after:
+        assert entry.peer_id == "test" and entry.os_user and entry.outcome == "ok"
+        assert entry.at.endswith("Z") and entry.duration_ms >= 0
+        assert isinstance(entry.detail, dict)
