@@ -17,6 +17,7 @@ how many steps had run (reported by an ``on_version_apply`` hook in env.py;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def make_project(root: Path, n: int) -> Path:
     from alembic.config import Config
 
     ini = root / "alembic.ini"
-    with open(os.devnull, "w") as quiet:
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         command.init(Config(str(ini), stdout=quiet), str(root / "migrations"))
     text = ini.read_text().replace("sqlalchemy.url = driver://user:pass@localhost/dbname",
                                    f"sqlalchemy.url = sqlite:///{root / 'alembic.db'}")

@@ -178,6 +178,10 @@ class Graph:
         self.get(rev_id)
         return tuple(self.canonical_order(self._children.get(rev_id, ())))
 
+    def is_head(self, rev_id: str) -> bool:
+        """Tell whether a revision has no children, in O(1)."""
+        return rev_id in self._heads
+
     def heads(self) -> list[str]:
         """Return the revisions without children, in canonical order (kept incrementally)."""
         return self.canonical_order(self._heads)
@@ -250,10 +254,13 @@ class Graph:
 
     def _key(self) -> Callable[[str], tuple[int, tuple[int, int], str, str]]:
         """Bind the segment table once, so sorting pays one dict lookup per revision."""
-        segment, open_segment, get = self._segments(), len(self._barriers), self.get
+        segment, open_segment, nodes = self._segments(), len(self._barriers), self._nodes
 
         def key(rev_id: str) -> tuple[int, tuple[int, int], str, str]:
-            node = get(rev_id)
+            try:
+                node = nodes[rev_id]
+            except KeyError:
+                raise RevisionNotFound(rev_id) from None
             return (segment.get(rev_id, open_segment), node.hlc, node.origin, rev_id)
 
         return key

@@ -16,9 +16,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .engine import Engine, ProgressCallback, Step, decode_steps
+from .engine import Engine, ProgressCallback, Step, decode_steps, paused_gc
 from .exceptions import (
     ConfigError,
+    StoreError,
     InvalidInput,
     IrreversibleRevision,
     MalformedPayload,
@@ -141,17 +142,34 @@ class Peer:
     and held (renewed) until :meth:`close`.
     """
 
-    def __init__(self, engine: sa.Engine, peer_id: str | None = None,
+    def __init__(self, engine: sa.Engine | Any, peer_id: str | None = None,
                  script_location: str | Path | None = None, batch_size: int = 2000) -> None:
-        configure_engine(engine)
-        self.sa_engine = engine
-        self._conn = engine.connect()
+        self._conn: sa.Connection | None = None
+        self.sa_engine: sa.Engine | None = None
+        self._store: Any
+        if isinstance(engine, sa.Engine):
+            configure_engine(engine)
+            self.sa_engine = engine
+            self._conn = conn = engine.connect()
+            self._new_ledger: Any = lambda pid: Ledger(conn, pid)
+            self._store = SqlStore(conn)
+        else:
+            from .stores.mongo import MongoStore
+            from .stores.mongo_ledger import MongoLedger
+
+            db, client = engine if isinstance(engine, tuple) else (engine, None)
+            self._store = store = MongoStore(db, client)
+            self._new_ledger = lambda pid: MongoLedger(store, pid)
         try:
-            Ledger.create_tables(self._conn)
-            self._conn.commit()
+            if self._conn is not None:
+                Ledger.create_tables(self._conn)
+                self._conn.commit()
+            else:
+                type(self._new_ledger("?")).create_tables(self._store)
             self.peer_id = self._identity(peer_id)
-            self._ledger = Ledger(self._conn, self.peer_id)
-            self._store = SqlStore(self._conn)
+            self._ledger = self._new_ledger(self.peer_id)
+            if self._conn is None:
+                self._ledger.recover_on_open()
             epoch = int(self._ledger.get_state("epoch") or 0)
             self.origin = f"{self.peer_id}:{epoch}"
             self.script_location = Path(script_location) if script_location else None
@@ -162,18 +180,30 @@ class Peer:
             if self.script_location is not None:
                 self._load_scripts()
         except BaseException:
-            self._conn.close()
+            self._close_store()
             raise
 
     @classmethod
-    def open(cls, store: str | sa.Engine, peer_id: str | None = None, *,
+    def open(cls, store: str | sa.Engine | Any, peer_id: str | None = None, *,
              script_location: str | Path | None = None, batch_size: int = 2000) -> Peer:
-        """Open a peer on a store URL (``sqlite:///app.db``, a path, PostgreSQL) or Engine."""
+        """Open a peer on a store URL or object.
+
+        A URL: ``sqlite:///app.db``, a path, PostgreSQL, ``mongodb://host/db``
+        (``mongomock://host/db`` for the in-memory test double); an object: a
+        SQLAlchemy Engine or a pymongo (or mongomock) ``Database``.
+        """
+        from .stores.mongo import is_database, is_mongo_url, open_database
+
+        if is_mongo_url(store):
+            return cls(open_database(store), peer_id, script_location=script_location,
+                       batch_size=batch_size)
+        if is_database(store):
+            return cls(store, peer_id, script_location=script_location, batch_size=batch_size)
         engine = create_engine(store) if isinstance(store, str) else store
         return cls(engine, peer_id, script_location=script_location, batch_size=batch_size)
 
     def _identity(self, peer_id: str | None) -> str:
-        ledger = Ledger(self._conn, "?")
+        ledger = self._new_ledger("?")
         stored = ledger.get_state("peer_id")
         if peer_id is not None and not _PEER_ID.match(peer_id):
             raise ConfigError(
@@ -182,22 +212,29 @@ class Peer:
         if stored is None:
             stored = peer_id or f"peer-{secrets.token_hex(4)}"
             ledger.set_state("peer_id", stored)
-            self._conn.commit()
+            self._store.commit()
         elif peer_id is not None and peer_id != stored:
             raise ConfigError(
                 f"this store belongs to peer {stored!r}, not {peer_id!r}: drop --peer-id,"
                 " or open another store"
             )
-        self._conn.rollback()
+        self._store.rollback()
         return stored
+
+    def _close_store(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            assert self.sa_engine is not None
+            self.sa_engine.dispose()
+        else:
+            self._store.close()
 
     def close(self) -> None:
         """Release the apply lease and the connection."""
         try:
             self._ledger.release_lease()
         finally:
-            self._conn.close()
-            self.sa_engine.dispose()
+            self._close_store()
 
     def __enter__(self) -> Peer:
         return self
@@ -280,13 +317,17 @@ class Peer:
 
     def find(self, collection: str, filter: dict[str, Any] | None = None,
              partition: str = DEFAULT_PARTITION) -> list[dict[str, Any]]:
-        """Return the documents of a collection whose fields equal ``filter``'s values."""
-        wanted = to_ejson(filter or {})
-        if not isinstance(wanted, dict):
-            raise InvalidInput("filter must be a dict of field: value")
-        docs = [d for d in self._store.documents(partition, collection)
-                if all(d.get(f, _MISSING) == v for f, v in wanted.items())]
-        self._store.rollback()
+        """Return the documents matching a MongoDB-style ``filter``, ordered by key.
+
+        The filter language (see :mod:`txengine.query`) means the same on every
+        store kind; anything outside it raises :class:`~txengine.query.UnsupportedFilter`.
+        """
+        from .query import find
+
+        try:
+            docs = find(self._store, partition, collection, filter or {})
+        finally:
+            self._store.rollback()
         return [from_ejson(d) for d in docs]
 
     # -- graph queries ------------------------------------------------------------
@@ -298,7 +339,7 @@ class Peer:
             id=node.id, parents=node.parents, kind=node.kind,
             message=self._message(node.id), partition=self._engine.partition[node.id],
             origin=node.origin, hlc=node.hlc, applied=node.id in self._engine.applied,
-            is_head=not graph.children(node.id), branch_labels=node.branch_labels,
+            is_head=graph.is_head(node.id), branch_labels=node.branch_labels,
             depends_on=node.depends_on,
         )
 
@@ -340,7 +381,8 @@ class Peer:
                 ids = [r for r in top if r not in graph.ancestors([low], inclusive=False)]
         else:
             ids = graph
-        return [self.info(r) for r in reversed(graph.canonical_order(ids))]
+        with paused_gc():
+            return [self.info(r) for r in reversed(graph.canonical_order(ids))]
 
     def revision(self, ref: str) -> Revision:
         """Return a revision (descriptor + payload) from the ledger."""
@@ -422,6 +464,8 @@ class Peer:
 
         if self.script_location is not None:
             self._load_scripts()
+        if self._conn is None:
+            raise StoreError("adopt reads Alembic's version table, which only SQL stores have")
         heads = alembic_version_heads(self._conn, table)
         self._store.rollback()
         graph = self._engine.graph
@@ -585,8 +629,11 @@ class Peer:
         self._scripts = scripts
         fresh = [(s.revision.descriptor, s.revision.payload) for r, s in scripts.items()
                  if r not in self._engine.graph]
-        changed = [s.revision for r, s in scripts.items()
-                   if r in self._engine.graph and r not in self._engine.applied]
+        pending = [r for r in scripts if r in self._engine.graph and r not in self._engine.applied]
+        stored = self._ledger.rows(pending, "digest") if pending else {}
+        # Rewrite only what the file changed: opening a peer must not touch every row.
+        changed = [scripts[r].revision for r in pending
+                   if r in stored and stored[r].digest != scripts[r].revision.descriptor["digest"]]
         if fresh:
             self._take_lease()
             self._engine.receive(fresh, trusted=True)

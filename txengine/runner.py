@@ -33,11 +33,13 @@ class ScriptOp:
     stores), so ``op.schema.create_table(...)`` works as in an Alembic
     migration and commits with the ledger row; ``connection`` is the
     SQLAlchemy Connection itself; ``db`` is the pymongo Database on MongoDB
-    stores (None here).
+    stores, where ``connection`` and ``schema`` are None. A MongoDB script's
+    collection and index work is not part of the step's transaction: write
+    it idempotently (``create_index`` is).
     """
 
-    connection: sa.Connection
-    schema: Operations
+    connection: sa.Connection | None
+    schema: Operations | None
     store_kind: str
     db: Any = None
 
@@ -55,6 +57,12 @@ def run_authored(peer: Peer, rev: Revision, direction: str) -> str | None:
     script = AuthoredScript(known.path, rev.payload.decode("utf-8"), rev, known.stores)
     module = script.module()
     conn = peer._conn
+    if conn is None:  # MongoDB: collection and index work on the pymongo Database
+        func = getattr(module, direction)
+        op = ScriptOp(connection=None, schema=None, store_kind=peer._store.kind,
+                      db=peer._store.db)
+        func() if _takes_no_argument(func) else func(op)
+        return None
     context = MigrationContext.configure(connection=conn)
     schema = Operations(context)
     func = getattr(module, direction)

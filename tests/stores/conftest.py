@@ -1,7 +1,8 @@
 """Fixtures of the store contract suite: a store per backend, and what it can do.
 
-The suite in ``test_contract.py`` runs against every backend fixture
-(SQLite, PostgreSQL; MongoDB when its store lands). Like Alembic's
+The suite in ``test_contract.py`` runs against every backend fixture:
+SQLite, PostgreSQL (``TXENGINE_TEST_POSTGRES_URL``) and MongoDB (mongomock,
+or a real server when ``TXENGINE_TEST_MONGODB_URI`` is set). Like Alembic's
 ``SuiteRequirements``, :class:`Requirements` reads the store's capability
 flags, so a test of something a store cannot do skips with the reason.
 A backend plugs in by giving :class:`StoreHarness` a ``declare`` (create an
@@ -10,7 +11,10 @@ app table as an authored revision would) and ``execute`` (raw DDL).
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +22,52 @@ import pytest
 import sqlalchemy as sa
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
+from conftest import postgres_base_url, store_url_for
 
 from txengine.peer import Peer
+from txengine.stores.mongo import MongoStore, open_database
 from txengine.stores.sql import SqlStore, create_engine
+
+MONGODB_ENV = "TXENGINE_TEST_MONGODB_URI"
+STORE_BACKENDS = ["sqlite", "postgresql", "mongodb"]
+
+
+@contextmanager
+def mongodb_url() -> Iterator[str]:
+    """Yield the URL of an empty MongoDB database, dropped after.
+
+    A real server when ``TXENGINE_TEST_MONGODB_URI`` is set (``mongodb://host:port``;
+    each test gets a database of its own), else mongomock (``mongomock://``).
+    """
+    name = f"t_{secrets.token_hex(6)}"
+    base = os.environ.get(MONGODB_ENV)
+    url = f"{base.rstrip('/')}/{name}" if base else f"mongomock://tests/{name}"
+    try:
+        yield url
+    finally:
+        db, client = open_database(url)
+        db.client.drop_database(name)
+        if client is not None:
+            client.close()
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store kind under test (overrides tests/conftest.py's to add MongoDB)."""
+    if request.param == "postgresql":
+        postgres_base_url()
+    return request.param
+
+
+@pytest.fixture
+def store_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """URL of an empty store: SQLite file, PostgreSQL schema or MongoDB database."""
+    if backend == "mongodb":
+        with mongodb_url() as url:
+            yield url
+    else:
+        with store_url_for(backend, tmp_path / "stores") as url:
+            yield url
 
 
 class Requirements:
@@ -60,39 +107,51 @@ class StoreHarness:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = create_engine(url)
-        self.conn = self.engine.connect()
-        self.store = SqlStore(self.conn)
+        if url.startswith(("mongodb://", "mongomock://")):
+            db, self.client = open_database(url)
+            self.engine = self.conn = None
+            self.store: SqlStore | MongoStore = MongoStore(db, self.client)
+            self.dialect = "mongodb"
+        else:
+            self.engine = create_engine(url)
+            self.conn = self.engine.connect()
+            self.store = SqlStore(self.conn)
+            self.dialect = self.conn.dialect.name
         self.requirements = Requirements(self.store)
-        self.dialect = self.conn.dialect.name
 
     def commit(self) -> None:
-        self.conn.commit()
+        self.store.commit()
 
     def rollback(self) -> None:
-        self.conn.rollback()
+        self.store.rollback()
 
     def declare(self, name: str, *columns: Any) -> None:
         """Create an app table the way an authored revision does (``op.schema.create_table``)."""
+        assert self.conn is not None, "declared tables are SQL only (require declared_tables)"
         Operations(MigrationContext.configure(connection=self.conn)).create_table(name, *columns)
         self.conn.commit()
         self.store.forget_tables()
 
     def execute(self, sql: str) -> None:
         """Run raw DDL/DML (triggers, rows written behind txengine's back), committed."""
+        assert self.conn is not None, "raw SQL needs a SQL store"
         self.conn.exec_driver_sql(sql)
         self.conn.commit()
         self.store.forget_tables()
 
     def rows(self, table: str) -> list[tuple[Any, ...]]:
         """Return a table's rows as the app sees them, ordered by its first column."""
+        assert self.conn is not None, "rows() reads a SQL table"
         rows = self.conn.execute(sa.text(f'SELECT * FROM "{table}" ORDER BY 1')).all()
         self.conn.rollback()
         return [tuple(r) for r in rows]
 
     def close(self) -> None:
-        self.conn.close()
-        self.engine.dispose()
+        if self.conn is not None:
+            self.conn.close()
+            self.engine.dispose()
+        else:
+            self.store.close()
 
 
 @pytest.fixture

@@ -450,12 +450,31 @@ class SqlStore:
             yield partition, text, table.decode(row[0], row[1:], nulls), inc
 
 
-def _whole_floats(value: Any) -> Any:
-    """Return ``value`` with integers beyond ±(2^53-1) turned back into floats."""
+def _has_big_int(value: Any) -> bool:
+    kind = type(value)
+    if kind is int:
+        return not -(2**53 - 1) <= value <= 2**53 - 1
+    if kind is dict:
+        return any(_has_big_int(v) for v in value.values())
+    if kind is list:
+        return any(_has_big_int(v) for v in value)
+    return False
+
+
+def _rebuild_whole_floats(value: Any) -> Any:
     if type(value) is int and not -(2**53 - 1) <= value <= 2**53 - 1:
         return float(value)
     if isinstance(value, dict):
-        return {k: _whole_floats(v) for k, v in value.items()}
+        return {k: _rebuild_whole_floats(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_whole_floats(v) for v in value]
+        return [_rebuild_whole_floats(v) for v in value]
     return value
+
+
+def _whole_floats(value: Any) -> Any:
+    """Return ``value`` with integers beyond ±(2^53-1) turned back into floats.
+
+    Scans first and rebuilds only the rare document that needs it: this runs
+    on every document read.
+    """
+    return _rebuild_whole_floats(value) if _has_big_int(value) else value

@@ -1,0 +1,299 @@
+"""The ledger on MongoDB: the same methods and return shapes as :class:`txengine.ledger.Ledger`.
+
+One document per revision in ``txengine_revisions`` (``_id`` is the revision
+id; the other fields are the SQL ledger's columns, with the same values, so
+``descriptor_from_row`` and ``payload_of`` read both), append-only audit rows
+in ``txengine_audit`` (``_id`` is the audit ``seq``, numbered from a counter
+in ``txengine_state``), named values in ``txengine_state``, and the apply
+lease in ``txengine_lock``. Writes are staged on the :class:`MongoStore` and
+reach the server with the step's data in ``store.commit()``; the lease is
+written at once, by compare-and-set on its fencing token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from pymongo import ASCENDING
+from pymongo.errors import DuplicateKeyError
+
+from ..exceptions import LockTimeout, StaleLease
+from ..ledger import (
+    FETCHED,
+    Applied,
+    AuditEntry,
+    Ledger,
+    _os_user,
+    _row_type,
+    revisions,
+    utc_now,
+)
+from ..revision import Revision
+from ..values import dumps
+from .mongo import MongoStore
+
+REVISIONS = "txengine_revisions"
+AUDIT = "txengine_audit"
+STATE = "txengine_state"
+LOCK = "txengine_lock"
+COLUMNS = tuple(c.name for c in revisions.c)
+_NODE_COLUMNS = ("id", "partition", "kind", "origin", "hlc_ms", "hlc_c", "parents",
+                 "depends_on", "branch_labels", "position", "message")
+_DESCRIPTOR_JSON = ("parents", "depends_on", "collections", "branch_labels")
+
+
+def _field(name: str) -> str:
+    return "_id" if name == "id" else name
+
+
+def _values(doc: dict[str, Any], names: Sequence[str]) -> tuple[Any, ...]:
+    out = []
+    for name in names:
+        value = doc.get(_field(name))
+        if name == "payload" and value is not None and not isinstance(value, (bytes, str)):
+            value = bytes(value)
+        out.append(value)
+    return tuple(out)
+
+
+class MongoLedger:
+    """Reads and writes the ledger collections of one MongoDB database."""
+
+    def __init__(self, store: MongoStore, peer_id: str) -> None:
+        self.store = store
+        self.db = store.db
+        self.peer_id = peer_id
+        self.os_user = _os_user()
+        self._lease_token: int | None = None
+        self._lease_expires = 0.0
+        self.lease_seconds = 30.0
+
+    @staticmethod
+    def create_tables(store: MongoStore) -> None:
+        """Create the indexes the ledger needs (idempotent)."""
+        db = store.db
+        db[REVISIONS].create_index([("origin", ASCENDING), ("partition", ASCENDING),
+                                    ("seq", ASCENDING)], unique=True,
+                                   name="txengine_revisions_origin_seq")
+        db[REVISIONS].create_index([("position", ASCENDING)], name="txengine_revisions_position")
+        db[AUDIT].create_index([("revision", ASCENDING)], name="txengine_audit_revision")
+        db["txengine_intents"].create_index([("step", ASCENDING)], name="txengine_intents_step")
+
+    # -- revisions -------------------------------------------------------------------
+    def insert(self, rev: Revision, state: str, applied: Applied | None = None) -> None:
+        self.insert_many([(rev, state, applied)])
+
+    def insert_many(self, rows: Sequence[tuple[Revision, str, Applied | None]]) -> None:
+        now = time.time()
+        for rev, st, applied in rows:
+            d = rev.descriptor
+            self.store.stage(REVISIONS, ("insert", {
+                "_id": d["id"], "partition": d["partition"], "kind": d["kind"],
+                "origin": d["origin"], "seq": d["seq"], "hlc_ms": d["hlc"][0],
+                "hlc_c": d["hlc"][1], "parents": dumps(d["parents"]),
+                "depends_on": dumps(d["depends_on"]), "message": d["message"],
+                "checksum": d["checksum"], "collections": dumps(d["collections"]),
+                "branch_labels": dumps(d["branch_labels"]), "digest": d["digest"],
+                "signature": None, "payload": rev.payload,
+                "state": applied.state if applied else st,
+                "position": applied.position if applied else None,
+                "undo": dumps(applied.undo) if applied and applied.undo is not None else None,
+                "stored_at": now,
+            }))
+
+    def update_payload(self, rev: Revision) -> None:
+        d = rev.descriptor
+        self.store.stage(REVISIONS, ("set", d["id"], {
+            "payload": rev.payload, "checksum": d["checksum"], "digest": d["digest"],
+            "message": d["message"], **{name: dumps(d[name]) for name in _DESCRIPTOR_JSON}}))
+
+    def nodes(self) -> list[tuple[Any, ...]]:
+        projection = {_field(n): 1 for n in _NODE_COLUMNS}
+        return [_values(doc, _NODE_COLUMNS) for doc in self.db[REVISIONS].find({}, projection)]
+
+    def row(self, rev_id: str) -> Any | None:
+        doc = self.db[REVISIONS].find_one({"_id": rev_id})
+        return None if doc is None else _row_type(COLUMNS)(*_values(doc, COLUMNS))
+
+    def rows(self, ids: Sequence[str], *columns: str) -> dict[str, Any]:
+        names = ("id", *columns)
+        row_type = _row_type(names)
+        projection = {_field(n): 1 for n in names}
+        out: dict[str, Any] = {}
+        ids = list(ids)
+        for i in range(0, len(ids), 1000):
+            for doc in self.db[REVISIONS].find({"_id": {"$in": ids[i:i + 1000]}}, projection):
+                out[doc["_id"]] = row_type(*_values(doc, names))
+        return out
+
+    def full_rows(self, ids: Sequence[str]) -> dict[str, Any]:
+        return self.rows(ids, *COLUMNS[1:])
+
+    def all_rows(self) -> Iterator[Any]:
+        row_type = _row_type(COLUMNS)
+        docs = self.db[REVISIONS].find().sort([("hlc_ms", ASCENDING), ("hlc_c", ASCENDING)])
+        for doc in docs:
+            yield row_type(*_values(doc, COLUMNS))
+
+    def slots(self, origin: str, partition: str, seqs: Sequence[int]
+              ) -> dict[int, tuple[str, str]]:
+        out: dict[int, tuple[str, str]] = {}
+        seqs = list(seqs)
+        for i in range(0, len(seqs), 1000):
+            for doc in self.db[REVISIONS].find(
+                    {"origin": origin, "partition": partition, "seq": {"$in": seqs[i:i + 1000]}},
+                    {"seq": 1, "digest": 1}):
+                out[int(doc["seq"])] = (doc["_id"], doc["digest"])
+        return out
+
+    def max_seq(self, origin: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for doc in self.db[REVISIONS].find({"origin": origin}, {"partition": 1, "seq": 1}):
+            out[doc["partition"]] = max(out.get(doc["partition"], 0), int(doc["seq"]))
+        return out
+
+    def mark_applied(self, entries: Sequence[Applied]) -> None:
+        for e in entries:
+            self.store.stage(REVISIONS, ("set", e.id, {
+                "state": e.state, "position": e.position,
+                "undo": None if e.undo is None else dumps(e.undo)}))
+
+    def mark_unapplied(self, ids: Sequence[str]) -> None:
+        for rev_id in ids:
+            self.store.stage(REVISIONS, ("set", rev_id,
+                                         {"state": FETCHED, "position": None, "undo": None}))
+
+    # -- audit -----------------------------------------------------------------------
+    def audit(self, action: str, revision: str | None, *, outcome: str = "ok",
+              duration_ms: float = 0.0, detail: dict[str, Any] | None = None) -> None:
+        self.audit_many([(action, revision, outcome, duration_ms, detail or {})])
+
+    def audit_many(self, rows: Iterable[tuple[str, str | None, str, float, dict[str, Any]]]
+                   ) -> None:
+        at = utc_now()
+        for action, rev, outcome, duration, detail in rows:
+            self.store.stage_audit({
+                "revision": rev, "action": action, "peer_id": self.peer_id,
+                "os_user": self.os_user, "at": at, "duration_ms": round(duration, 3),
+                "outcome": outcome, "detail": dumps(detail)})
+
+    def audit_entries(self, revision: str | None = None) -> list[AuditEntry]:
+        query = {} if revision is None else {"revision": revision}
+        return [
+            AuditEntry(int(r["seq"]), r["revision"], r["action"], r["peer_id"], r["os_user"],
+                       r["at"], r["duration_ms"], r["outcome"], json.loads(r["detail"]))
+            for r in self.db[AUDIT].find(query).sort("_id", ASCENDING)
+        ]
+
+    # -- state -----------------------------------------------------------------------
+    def get_state(self, name: str) -> str | None:
+        for collection, request in reversed(self.store.pending()):
+            if collection == STATE and request[0] == "replace" and request[1] == name:
+                return str(request[2]["value"])
+        doc = self.db[STATE].find_one({"_id": name})
+        return None if doc is None else str(doc["value"])
+
+    def set_state(self, name: str, value: str) -> None:
+        self.store.stage(STATE, ("replace", name, {"_id": name, "value": value}))
+
+    # -- the apply lease -------------------------------------------------------------
+    def _holder(self) -> str:
+        return f"{self.peer_id}@{socket.gethostname()}:{os.getpid()}"
+
+    def acquire_lease(self, wait: float = 10.0) -> bool:
+        """Take (or renew) the apply lease; return True when another holder had it since.
+
+        As :meth:`Ledger.acquire_lease`, by compare-and-set on the token. A new
+        holder first recovers any step a crashed holder left half-written.
+        """
+        now = time.time()
+        if self._lease_token is not None and now < self._lease_expires - 5.0:
+            return False
+        deadline = time.monotonic() + wait
+        holder = self._holder()
+        lock = self.db[LOCK]
+        while True:
+            row = lock.find_one({"_id": "apply"})
+            now = time.time()
+            expires = now + self.lease_seconds
+            if row is None:
+                try:
+                    lock.insert_one({"_id": "apply", "holder": holder, "token": 1,
+                                     "expires_at": expires})
+                except DuplicateKeyError:
+                    continue
+                token, changed = 1, True
+            elif row["holder"] == holder and row["token"] == self._lease_token:
+                token, changed = int(row["token"]), False
+                if lock.update_one({"_id": "apply", "token": token},
+                                   {"$set": {"expires_at": expires}}).matched_count != 1:
+                    continue
+            elif row["expires_at"] < now or row["holder"] == holder \
+                    or Ledger._holder_dead(row["holder"]):
+                token, changed = int(row["token"]) + 1, True
+                if lock.update_one({"_id": "apply", "token": row["token"]}, {"$set": {
+                        "holder": holder, "token": token,
+                        "expires_at": expires}}).matched_count != 1:
+                    continue
+            else:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(row["holder"], wait)
+                time.sleep(0.05)
+                continue
+            self._lease_token = token
+            self._lease_expires = expires
+            self.store.fence = (LOCK, token)
+            if changed:
+                self.store.rollback()
+                self.store.recover()
+            return changed
+
+    def recover_on_open(self) -> None:
+        """Recover a half-written step at open, when no live process holds the lease."""
+        if not self.store.has_intents():
+            return
+        try:
+            self.acquire_lease(wait=0.0)
+        except LockTimeout:
+            return  # its holder is alive and may still finish the step
+
+    def renew_lease(self) -> None:
+        if self._lease_token is None:
+            raise StaleLease("no apply lease is held: take it before writing")
+        now = time.time()
+        if now < self._lease_expires - self.lease_seconds / 2:
+            return
+        found = self.db[LOCK].update_one(
+            {"_id": "apply", "token": self._lease_token, "expires_at": {"$gt": now}},
+            {"$set": {"expires_at": now + self.lease_seconds}})
+        if found.matched_count != 1:
+            self._lease_token = None
+            self.store.fence = None
+            raise StaleLease(
+                "the apply lease expired and another process took it: this operation stopped"
+                " at a batch boundary; run the command again to finish it"
+            )
+        self._lease_expires = now + self.lease_seconds
+
+    def check_lease(self) -> None:
+        if self._lease_token is None or time.time() >= self._lease_expires:
+            raise StaleLease(
+                "the apply lease expired before this write: another process may have written;"
+                " retry the command"
+            )
+
+    def release_lease(self) -> None:
+        if self._lease_token is None:
+            return
+        try:
+            self.store.rollback()
+            self.db[LOCK].update_one({"_id": "apply", "token": self._lease_token},
+                                     {"$set": {"expires_at": 0.0}})
+        finally:
+            self._lease_token = None
+            self.store.fence = None
