@@ -278,6 +278,83 @@ def test_the_lease_has_an_expiry_and_a_stale_holder_cannot_write() -> None:
         first.close()
 
 
+class _Session:
+    """Stands in for a pymongo ClientSession (mongomock has none): runs the callback once."""
+
+    def __enter__(self) -> _Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def with_transaction(self, callback: Any) -> Any:
+        return callback(self)
+
+
+class _SessionCollection:
+    def __init__(self, collection: Any, sessions: list) -> None:
+        self._collection = collection
+        self._sessions = sessions
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._collection, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, session: Any = None, **kwargs: Any) -> Any:
+            self._sessions.append((name, session is not None))
+            return attr(*args, **kwargs)
+        return call
+
+
+class _TransactionalDatabase(CrashingDatabase):
+    """mongomock with a stand-in session, recording which writes ran inside it."""
+
+    def __init__(self, db: Any) -> None:
+        super().__init__(db, budget=10**9)
+        self.calls: list[tuple[str, bool]] = []
+
+        class _Client:
+            __module__ = "mongomock.stand_in"  # no bulk_write: write one by one, as on mongomock
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(db.client, name)
+
+            def start_session(self) -> _Session:
+                return _Session()
+
+        self.client = _Client()
+
+    def with_options(self, **_kwargs: Any) -> _TransactionalDatabase:
+        return self
+
+    def __getitem__(self, name: str) -> Any:  # type: ignore[override]
+        return _SessionCollection(self._db[name], self.calls)
+
+    def get_collection(self, name: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        return _SessionCollection(self._db.get_collection(name, **kwargs), self.calls)
+
+
+def test_on_a_server_with_transactions_a_step_is_one_transaction_without_intents() -> None:
+    """The transaction path: fence and every write of the step inside one session."""
+    db = _TransactionalDatabase(fresh_db())
+    with Peer(db, peer_id="rs") as peer:
+        peer._store.transactional = True
+        with peer.transaction("one") as tx:
+            tx.insert("items", {"_id": 1})
+        step = db.calls[db.calls.index(("update_one", True)):]
+        assert [name for name, _ in step] == ["update_one", "replace_one", "insert_one",
+                                              "insert_one"]
+        assert all(inside for _, inside in step)
+        assert peer.get("items", 1) == {"_id": 1}
+        assert db[INTENTS].count_documents({}) == 0
+        db["txengine_lock"].update_one({"_id": "apply"}, {"$set": {"token": 99}})
+        with pytest.raises(StaleLease):
+            with peer.transaction("two") as tx:
+                tx.insert("items", {"_id": 2})
+        assert peer.get("items", 2) is None
+
+
 # -- authored scripts ------------------------------------------------------------------------------
 
 
@@ -327,7 +404,7 @@ def test_reversibility_and_replay_equality_on_mongodb(tmp_path: Path, txs: list)
         assert report.ok, report.findings
 
 
-# -- CLI ---------------------------------------------------------------------------------------------
+# -- CLI --------------------------------------------------------------------------------------
 
 
 def test_cli_commands_work_with_a_mongodb_store_url(mongo_url: str) -> None:

@@ -101,7 +101,7 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Peer]]
 _collections = itertools.count()
 
 
-@settings(max_examples=60, deadline=None, database=None,
+@settings(max_examples=120, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(docs=documents, queries=st.lists(filters, min_size=1, max_size=6))
 def test_filters_give_the_same_results_on_every_store(peers: dict[str, Peer], docs: list,
@@ -129,8 +129,8 @@ DOCS = [
 
 
 def _mongomock_gap(query: dict) -> bool:
-    return "n" in query and isinstance(query["n"], dict) and any(
-        op in query["n"] for op in ("$gt", "$gte", "$lt", "$lte"))
+    """mongomock cannot compare Decimal128 with numbers, and takes true for 1."""
+    return "n" in query or query == {"flag": 1}
 
 
 @pytest.fixture(params=["sqlite", "mongodb"])
@@ -147,9 +147,9 @@ def loaded(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Peer]:
 @pytest.mark.parametrize(("query", "ids"), [
     ({}, [1, 2, 3, 4, 5]),
     ({"s": "x"}, [1]),
-    ({"s": None}, [2, 5]),
-    ({"s": {"$ne": None}}, [1, 3, 4]),
-    ({"s": {"$exists": True}}, [1, 2, 3, 4]),
+    ({"s": None}, [2, 4, 5]),
+    ({"s": {"$ne": None}}, [1, 3]),
+    ({"s": {"$exists": True}}, [1, 2, 3]),
     ({"s": {"$ne": "x"}}, [2, 3, 4, 5]),
     ({"n": {"$gt": 1}}, [2, 3]),
     ({"n": {"$gte": 1, "$lt": 3}}, [1, 2]),
@@ -159,7 +159,7 @@ def loaded(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Peer]:
     ({"tags": "b"}, [1, 4]),
     ({"tags": ["a", "b"]}, [1]),
     ({"tags": []}, [2]),
-    ({"sub.k": None}, [2, 3]),
+    ({"sub.k": None}, [2, 3, 4, 5]),
     ({"sub.k": {"$exists": False}}, [3, 4, 5]),
     ({"m.v": 5}, [5]),
     ({"m.v": {"$gt": 3}}, [5]),
@@ -168,8 +168,9 @@ def loaded(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Peer]:
     ({"flag": True}, [4]),
 ])
 def test_filter_semantics_follow_mongodb(loaded: Peer, query: dict, ids: list) -> None:
-    if isinstance(loaded._store.db, mongomock.Database) and _mongomock_gap(query):
-        pytest.skip("mongomock cannot order Decimal128 (a real server can)")
+    if isinstance(getattr(loaded._store, "db", None), mongomock.Database) \
+            and _mongomock_gap(query):
+        pytest.skip("mongomock compares Decimal128 and booleans unlike MongoDB")
     assert [d["_id"] for d in loaded.find("c", query)] == ids
 
 

@@ -19,11 +19,11 @@ import sqlalchemy as sa
 from .engine import Engine, ProgressCallback, Step, decode_steps, paused_gc
 from .exceptions import (
     ConfigError,
-    StoreError,
     InvalidInput,
     IrreversibleRevision,
     MalformedPayload,
     PinnedPeer,
+    StoreError,
     TxEngineError,
 )
 from .ledger import AuditEntry, Ledger, descriptor_from_row, payload_of

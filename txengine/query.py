@@ -205,25 +205,34 @@ def _compare(op: str, a: Any, b: Any) -> bool:
     return _COMPARE[op](_sort_value(a), _sort_value(b))
 
 
-def _walk(value: Any, parts: list[str], found: list[Any]) -> None:
-    """Collect the values a dotted path reaches, MongoDB style (see the module docstring)."""
+def _walk(value: Any, parts: list[str], found: list[Any]) -> bool:
+    """Collect the values a dotted path reaches, MongoDB style; return True if a branch misses.
+
+    A document without the field is a missing branch (``{f: null}`` matches
+    it); an array contributes its document elements only, so ``{"a.b": null}``
+    does not match ``{"a": []}``, as on MongoDB.
+    """
     if not parts:
         found.append(value)
-        return
+        return False
     head, rest = parts[0], parts[1:]
     if isinstance(value, dict):
         if head in value:
-            _walk(value[head], rest, found)
-    elif isinstance(value, list):
+            return _walk(value[head], rest, found)
+        return True
+    if isinstance(value, list):
+        missing = False
         if head.isdigit() and int(head) < len(value):
-            _walk(value[int(head)], rest, found)
+            missing = _walk(value[int(head)], rest, found)
         for item in value:
-            if isinstance(item, dict) and head in item:
-                _walk(item[head], rest, found)
+            if isinstance(item, dict):
+                missing = _walk(item, parts, found) or missing
+        return missing
+    return True
 
 
-def _eq_any(found: list[Any], value: Any) -> bool:
-    if value is None and not found:
+def _eq_any(found: list[Any], missing: bool, value: Any) -> bool:
+    if value is None and missing:
         return True
     for x in found:
         if _equal(x, value):
@@ -233,15 +242,15 @@ def _eq_any(found: list[Any], value: Any) -> bool:
     return False
 
 
-def _holds(c: Condition, found: list[Any], value: Any) -> bool:
+def _holds(c: Condition, found: list[Any], missing: bool, value: Any) -> bool:
     if c.op == "$exists":
         return bool(found) == value
     if c.op == "$eq":
-        return _eq_any(found, value)
+        return _eq_any(found, missing, value)
     if c.op == "$ne":
-        return not _eq_any(found, value)
+        return not _eq_any(found, missing, value)
     if c.op == "$in":
-        return any(_eq_any(found, v) for v in value)
+        return any(_eq_any(found, missing, v) for v in value)
     for x in found:
         items = x if isinstance(x, list) else [x]
         if any(_compare(c.op, e, value) for e in items):
@@ -257,8 +266,8 @@ def matcher(conditions: list[Condition]) -> Callable[[dict[str, Any]], bool]:
         value = from_ejson(doc)
         for c, parts, wanted in decoded:
             found: list[Any] = []
-            _walk(value, parts, found)
-            if not _holds(c, found, wanted):
+            missing = _walk(value, parts, found)
+            if not _holds(c, found, missing, wanted):
                 return False
         return True
 
