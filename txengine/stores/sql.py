@@ -28,7 +28,9 @@ from ..revision import DEFAULT_PARTITION
 from ..values import dumps, loads
 from .declared import KEYS_TABLE, DeclaredTable, keys_table, resolve
 
-_JSON = sa.Text().with_variant(postgresql.JSONB(), "postgresql")
+# PostgreSQL's ``json`` (not ``jsonb``): jsonb refuses U+0000 inside strings, which
+# is valid JSON that SQLite and MongoDB keep; filters run in txengine.query anyway.
+_JSON = sa.Text().with_variant(postgresql.JSON(), "postgresql")
 DOC_COLUMNS = {"_partition", "_key", "doc", "_incarnation"}
 _KEYS = keys_table(sa.MetaData())
 
@@ -220,7 +222,7 @@ class SqlStore:
         if sql is None:
             q = self.conn.dialect.identifier_preparer.quote(collection)
             ph = self.placeholder()
-            doc = f"CAST({ph} AS JSONB)" if self._is_pg else ph
+            doc = f"CAST({ph} AS JSON)" if self._is_pg else ph
             sql = {
                 "select1": f"SELECT _key, doc, _incarnation FROM {q}"
                            f" WHERE _partition = {ph} AND _key = {ph}",
