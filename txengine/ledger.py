@@ -87,6 +87,23 @@ state = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
+writes = sa.Table(
+    "txengine_writes",
+    metadata,
+    sa.Column("partition", sa.String(200), nullable=False),
+    sa.Column("collection", sa.String(100), nullable=False),
+    sa.Column("key", sa.Text, nullable=False),
+    sa.Column("hlc_ms", sa.BigInteger, nullable=False),
+    sa.Column("revision", sa.String(80), nullable=False),
+    sa.Index("txengine_writes_key", "partition", "collection", "key", "hlc_ms"),
+)
+"""The key index: which data revision writes which key (derived from its ops at intake).
+
+It never changes once written (a revision's write set is fixed by its
+payload), so the dirty-key walk asks it for the writers of a key instead of
+reading every later revision: the walk's cost follows conflicts, not history.
+"""
+
 lock = sa.Table(
     "txengine_lock",
     metadata,
@@ -144,6 +161,18 @@ def descriptor_from_row(row: Any) -> dict[str, Any]:
     }
 
 
+def write_rows(revs: Iterable[Revision]) -> list[tuple[str, str, str, int, str]]:
+    """Return the key-index rows (partition, collection, key, hlc_ms, revision) of ``revs``."""
+    from .ops import write_set
+
+    out = []
+    for rev in revs:
+        if rev.payload and rev.kind == "data":
+            d = rev.descriptor
+            out += [(d["partition"], c, k, d["hlc"][0], d["id"]) for c, k in write_set(rev.ops)]
+    return out
+
+
 def payload_of(row: Any) -> bytes:
     """Return a row's payload as bytes, even when someone stored it back as text."""
     value = row.payload
@@ -196,6 +225,9 @@ class Ledger:
                        f" undo = {ph} WHERE id = {ph}",
             "unapplied": f"UPDATE txengine_revisions SET state = {ph}, position = NULL,"
                          f" undo = NULL WHERE id = {ph}",
+            "writes": "INSERT INTO txengine_writes (partition, collection, key, hlc_ms,"
+                      f" revision) VALUES ({', '.join([ph] * 5)})",
+            "fill": f"UPDATE txengine_revisions SET payload = {ph}, state = {ph} WHERE id = {ph}",
             "audit": "INSERT INTO txengine_audit (revision, action, peer_id, os_user, at,"
                      f" duration_ms, outcome, detail) VALUES ({', '.join([ph] * 8)})",
         }
@@ -228,6 +260,84 @@ class Ledger:
             ))
         if params:
             raw_cursor(self.conn).executemany(self._sql["insert"], params)
+            self._index_writes([rev for rev, _st, _a in rows])
+
+    def _index_writes(self, revs: Iterable[Revision]) -> None:
+        keys = write_rows(revs)
+        if keys:
+            raw_cursor(self.conn).executemany(self._sql["writes"], keys)
+
+    def announce_many(self, descriptors: Sequence[dict[str, Any]]) -> None:
+        """Record descriptors whose payload has not arrived yet (state ``announced``)."""
+        self.insert_many([(Revision(d, None), ANNOUNCED, None)  # type: ignore[arg-type]
+                          for d in descriptors])
+
+    def fill_payloads(self, revs: Sequence[tuple[Revision, str]]) -> None:
+        """Store the checked payloads of announced revisions and set their state."""
+        if revs:
+            raw_cursor(self.conn).executemany(self._sql["fill"], [
+                (rev.payload, st, rev.id) for rev, st in revs])
+            self._index_writes([rev for rev, _st in revs])
+
+    def set_states(self, ids: Sequence[str], st: str) -> None:
+        """Set the local state of revisions that are not applied (quarantine, release)."""
+        if ids:
+            ph = placeholder(self.conn)
+            raw_cursor(self.conn).executemany(
+                f"UPDATE txengine_revisions SET state = {ph} WHERE id = {ph}",
+                [(st, i) for i in ids])
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove revisions that were never sent and are re-issued under a new epoch."""
+        for i in range(0, len(ids), 500):
+            chunk = list(ids[i:i + 500])
+            self.conn.execute(revisions.delete().where(revisions.c.id.in_(chunk)))
+            self.conn.execute(writes.delete().where(writes.c.revision.in_(chunk)))
+
+    def writers(self, partition: str, keys: Sequence[tuple[str, str]], min_ms: int
+                ) -> list[tuple[str, str, str]]:
+        """Return (collection, key, revision) for the revisions writing ``keys`` at or after
+        ``min_ms`` (applied or not: the caller filters)."""
+        ph = placeholder(self.conn)
+        cur = raw_cursor(self.conn)
+        out: list[tuple[str, str, str]] = []
+        by_collection: dict[str, list[str]] = collections.defaultdict(list)
+        for collection, key in keys:
+            by_collection[collection].append(key)
+        for collection, texts in sorted(by_collection.items()):
+            for i in range(0, len(texts), 400):
+                chunk = texts[i:i + 400]
+                cur.execute(
+                    "SELECT collection, key, revision FROM txengine_writes WHERE partition ="
+                    f" {ph} AND collection = {ph} AND hlc_ms >= {ph} AND key IN"
+                    f" ({', '.join([ph] * len(chunk))})", [partition, collection, min_ms, *chunk])
+                out += [tuple(r) for r in cur.fetchall()]
+        return out
+
+    def by_state(self, *states: str) -> list[Any]:
+        """Return the full rows of revisions in ``states`` (announced, quarantined: few)."""
+        return list(self.conn.execute(sa.select(revisions).where(revisions.c.state.in_(states))))
+
+    def count_states(self) -> dict[str, int]:
+        """Return ``{state: number of revisions}``."""
+        q = sa.select(revisions.c.state, sa.func.count()).group_by(revisions.c.state)
+        return {st: int(n) for st, n in self.conn.execute(q)}
+
+    def backfill_writes(self) -> int:
+        """Fill the key index for revisions recorded before it existed; return how many."""
+        if self.get_state("writes_index") is not None:
+            return 0
+        done = 0
+        rows = self.conn.execute(sa.select(revisions.c.id).where(
+            revisions.c.kind == "data", revisions.c.payload.is_not(None))).all()
+        ids = [r[0] for r in rows]
+        for i in range(0, len(ids), 500):
+            found = self.full_rows(ids[i:i + 500])
+            self._index_writes([Revision(descriptor_from_row(r), payload_of(r))
+                                for r in found.values()])
+            done += len(found)
+        self.set_state("writes_index", "1")
+        return done
 
     def update_payload(self, rev: Revision) -> None:
         """Replace a not-yet-applied revision's descriptor fields and payload (authored files)."""
@@ -243,12 +353,12 @@ class Ledger:
         """Return the light columns of every revision (no payloads, no undo).
 
         (id, partition, kind, origin, hlc_ms, hlc_c, parents, depends_on,
-        branch_labels, position, message), on the driver's cursor: opening a
+        branch_labels, position, message, seq, state), on the driver's cursor: opening a
         peer reads this for the whole history.
         """
         cur = raw_cursor(self.conn)
         cur.execute("SELECT id, partition, kind, origin, hlc_ms, hlc_c, parents, depends_on,"
-                    " branch_labels, position, message FROM txengine_revisions")
+                    " branch_labels, position, message, seq, state FROM txengine_revisions")
         return cur.fetchall()
 
     def row(self, rev_id: str) -> Any | None:

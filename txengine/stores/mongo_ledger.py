@@ -24,14 +24,18 @@ from pymongo.errors import DuplicateKeyError
 
 from ..exceptions import LockTimeout, StaleLease
 from ..ledger import (
+    ANNOUNCED,
     FETCHED,
     Applied,
     AuditEntry,
     Ledger,
     _os_user,
     _row_type,
+    descriptor_from_row,
+    payload_of,
     revisions,
     utc_now,
+    write_rows,
 )
 from ..revision import Revision
 from ..values import dumps
@@ -41,9 +45,10 @@ REVISIONS = "txengine_revisions"
 AUDIT = "txengine_audit"
 STATE = "txengine_state"
 LOCK = "txengine_lock"
+WRITES = "txengine_writes"
 COLUMNS = tuple(c.name for c in revisions.c)
 _NODE_COLUMNS = ("id", "partition", "kind", "origin", "hlc_ms", "hlc_c", "parents",
-                 "depends_on", "branch_labels", "position", "message")
+                 "depends_on", "branch_labels", "position", "message", "seq", "state")
 _DESCRIPTOR_JSON = ("parents", "depends_on", "collections", "branch_labels")
 
 
@@ -82,6 +87,9 @@ class MongoLedger:
                                    name="txengine_revisions_origin_seq")
         db[REVISIONS].create_index([("position", ASCENDING)], name="txengine_revisions_position")
         db[AUDIT].create_index([("revision", ASCENDING)], name="txengine_audit_revision")
+        db[WRITES].create_index([("p", ASCENDING), ("c", ASCENDING), ("k", ASCENDING),
+                                 ("ms", ASCENDING)], name="txengine_writes_key")
+        db[WRITES].create_index([("r", ASCENDING)], name="txengine_writes_revision")
         db["txengine_intents"].create_index([("step", ASCENDING)], name="txengine_intents_step")
 
     # -- revisions -------------------------------------------------------------------
@@ -105,6 +113,69 @@ class MongoLedger:
                 "undo": dumps(applied.undo) if applied and applied.undo is not None else None,
                 "stored_at": now,
             }))
+        self._index_writes([rev for rev, _st, _a in rows])
+
+    def _index_writes(self, revs: Iterable[Revision]) -> None:
+        for partition, collection, key, ms, rev_id in write_rows(revs):
+            self.store.stage(WRITES, ("insert", {
+                "_id": f"{rev_id}/{collection}/{key}", "p": partition, "c": collection,
+                "k": key, "ms": ms, "r": rev_id}))
+
+    def announce_many(self, descriptors: Sequence[dict[str, Any]]) -> None:
+        self.insert_many([(Revision(d, None), ANNOUNCED, None)  # type: ignore[arg-type]
+                          for d in descriptors])
+
+    def fill_payloads(self, revs: Sequence[tuple[Revision, str]]) -> None:
+        for rev, st in revs:
+            self.store.stage(REVISIONS, ("set", rev.id, {"payload": rev.payload, "state": st}))
+        self._index_writes([rev for rev, _st in revs])
+
+    def set_states(self, ids: Sequence[str], st: str) -> None:
+        for rev_id in ids:
+            self.store.stage(REVISIONS, ("set", rev_id, {"state": st}))
+
+    def delete(self, ids: Sequence[str]) -> None:
+        for rev_id in ids:
+            self.store.stage(REVISIONS, ("delete", rev_id))
+        for doc in self.db[WRITES].find({"r": {"$in": list(ids)}}, {"_id": 1}):
+            self.store.stage(WRITES, ("delete", doc["_id"]))
+
+    def writers(self, partition: str, keys: Sequence[tuple[str, str]], min_ms: int
+                ) -> list[tuple[str, str, str]]:
+        out: list[tuple[str, str, str]] = []
+        by_collection: dict[str, list[str]] = {}
+        for collection, key in keys:
+            by_collection.setdefault(collection, []).append(key)
+        for collection, texts in sorted(by_collection.items()):
+            for i in range(0, len(texts), 1000):
+                for doc in self.db[WRITES].find(
+                        {"p": partition, "c": collection, "k": {"$in": texts[i:i + 1000]},
+                         "ms": {"$gte": min_ms}}, {"c": 1, "k": 1, "r": 1}):
+                    out.append((doc["c"], doc["k"], doc["r"]))
+        return out
+
+    def by_state(self, *states: str) -> list[Any]:
+        row_type = _row_type(COLUMNS)
+        return [row_type(*_values(doc, COLUMNS))
+                for doc in self.db[REVISIONS].find({"state": {"$in": list(states)}})]
+
+    def count_states(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for doc in self.db[REVISIONS].aggregate([{"$group": {"_id": "$state",
+                                                             "n": {"$sum": 1}}}]):
+            out[doc["_id"]] = int(doc["n"])
+        return out
+
+    def backfill_writes(self) -> int:
+        if self.get_state("writes_index") is not None:
+            return 0
+        done = 0
+        for doc in self.db[REVISIONS].find({"kind": "data", "payload": {"$ne": None}}):
+            row = _row_type(COLUMNS)(*_values(doc, COLUMNS))
+            self._index_writes([Revision(descriptor_from_row(row), payload_of(row))])
+            done += 1
+        self.set_state("writes_index", "1")
+        return done
 
     def update_payload(self, rev: Revision) -> None:
         d = rev.descriptor
