@@ -525,6 +525,40 @@ def verify(replay: bool) -> Output:
 
 
 @cli.command()
+@output_options
+def status() -> Output:
+    """Show the sync badge counts: unsent, announced, fetched, conflicted, quarantined."""
+    result = open_peer().status()
+
+    def lines(st: Any) -> list[str]:
+        return [f"peer {st.peer} (origin {st.origin}){' pinned' if st.pinned else ''}",
+                f"unsent {st.unsent}, announced {st.announced}, fetched {st.fetched},"
+                f" conflicted {st.conflicted}, quarantined {st.quarantined}"]
+
+    return Output([result], lines, single=True)
+
+
+@cli.command()
+@click.argument("other")
+@click.option("--other-peer-id", help="The other store's peer id (default: the one it holds).")
+@output_options
+def sync(other: str, other_peer_id: str | None) -> Output:
+    """Exchange revisions both ways with the store at URL OTHER, in this process."""
+    peer = open_peer()
+    with Peer.open(other, other_peer_id) as remote:
+        result = peer.sync(remote)
+
+    def lines(r: Any) -> list[str]:
+        refused = [f"refused {x.revision[:12]}: {x.reason}" for x in r.local.refused]
+        return [f"received {r.local.fetched}, sent {r.local.sent}, applied"
+                f" {len(r.local.applied)}, rolled back {len(r.local.rolled_back)}, conflicted"
+                f" {len(r.local.conflicted)}, quarantined {len(r.local.quarantined)}"
+                f" ({r.round_trips} round trips, {r.bytes} bytes)", *refused]
+
+    return Output([result], lines, single=True)
+
+
+@cli.command()
 @click.argument("collection")
 @click.argument("key")
 @partition_option

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import heapq
 import json
 import time
 from collections import defaultdict
@@ -32,18 +33,23 @@ from .exceptions import (
 from .graph import Graph, Node
 from .intake import check_batch
 from .ledger import (
+    ANNOUNCED,
     APPLIED,
+    CONFLICTED,
     FETCHED,
     INTEGRATED,
+    QUARANTINED,
     Applied,
     Ledger,
     descriptor_from_row,
     payload_of,
 )
 from .ops import Op, State, apply_op, write_key
+from .policy import DEFAULT, REJECT, Policy, decode_config, resolver
 from .revision import Revision, decode_ops
 from .stores.base import Store
 from .values import loads, sha256
+from .vector import SeqIndex
 
 Key = tuple[str, str, str]
 """A document's identity: (partition, collection, key text)."""
@@ -135,13 +141,26 @@ class Engine:
         self.messages: dict[str, str] = {}
         self.applied: dict[str, int] = {}
         self.clock = Clock()
-        add = self.graph.add
+        self.held = SeqIndex()
+        self.conflicted: set[str] = set()
+        self.quarantined: dict[str, Node] = {}
+        self._configs: dict[str, dict[str, Any]] = {}
+        add, hold = self.graph.add, self.held.add
         partition, messages, applied = self.partition, self.messages, self.applied
         for (rev_id, part, kind, origin, ms, counter, parents, depends_on, labels, position,
-             message) in self.ledger.nodes():
+             message, seq, st) in self.ledger.nodes():
+            if st == ANNOUNCED:
+                continue
             node = Node(rev_id, _id_tuple(parents), _id_tuple(depends_on), (ms, counter),
                         origin, kind, _id_tuple(labels))
+            hold(part, origin, seq, rev_id)
+            if st == QUARANTINED:
+                self.quarantined[rev_id] = node
+                partition[rev_id] = part
+                continue
             add(node)
+            if st == CONFLICTED:
+                self.conflicted.add(rev_id)
             partition[rev_id] = part
             messages[rev_id] = message
             if position is not None:
@@ -204,8 +223,11 @@ class Engine:
         self.partition[rev.id] = rev.partition
         self.messages[rev.id] = rev.message
         self.seqs[rev.partition] = rev.descriptor["seq"]
+        self.held.add(rev.partition, rev.descriptor["origin"], rev.descriptor["seq"], rev.id)
         self.next_position += 1
         self._mark_applied(rev.id, applied.position)
+        if applied.state == CONFLICTED:
+            self.conflicted.add(rev.id)
 
     def _apply_data(self, work: _Work, rev_id: str, partition: str, ops: list[Op],
                     position: int, preload: bool = True) -> tuple[Applied, list[dict[str, Any]]]:
@@ -215,19 +237,57 @@ class Engine:
         undo: list[Any] = []
         seen: set[Key] = set()
         conflicts = []
+        rejected = False
         for op, k in zip(ops, keys, strict=True):
             state = work.states[k]
             if k not in seen:
                 seen.add(k)
                 undo.append([k[1], k[2], state[0], state[1]])
             outcome = apply_op(op, state, rev_id)
+            new_state = outcome.state
             if outcome.conflict:
+                rule = self.policy_for(partition, rev_id).for_collection(k[1])
+                if rule == REJECT:
+                    rejected = True
+                elif rule.startswith("resolver:"):
+                    new_state = resolver(rule[9:])(op, state, rev_id, outcome.conflict)
                 conflicts.append({"collection": k[1], "key": k[2], "reason": outcome.conflict,
-                                  "op": op.to_json(), "current": state[0]})
-            if outcome.state is not state:
-                work.states[k] = outcome.state
+                                  "op": op.to_json(), "current": state[0], "policy": rule,
+                                  "result": new_state[0]})
+            if new_state is not state:
+                work.states[k] = new_state
                 work.dirty.add(k)
-        return Applied(rev_id, position, undo), conflicts
+        if rejected:
+            # reject: the whole revision is integrated as a no-op, marked conflicted.
+            self._undo_data(work, partition, undo)
+            for c in conflicts:
+                c["result"] = "rejected"
+        return Applied(rev_id, position, undo, CONFLICTED if conflicts else APPLIED), conflicts
+
+    # -- config ----------------------------------------------------------------
+    def policy_for(self, partition: str, rev_id: str | None = None) -> Policy:
+        """Return the policy in force for ``rev_id`` (default: after every known barrier).
+
+        The fold of the partition's config revisions that sort before it in
+        canonical order: the same set gives the same policy on every peer.
+        """
+        graph = self.graph
+        configs = [b for b in graph.barriers() if graph.get(b).kind == "config"
+                   and self.partition.get(b) == partition]
+        if not configs:
+            return DEFAULT
+        if rev_id is not None and rev_id in graph:
+            limit = graph.sort_key(rev_id)
+            configs = [b for b in configs if graph.sort_key(b) < limit]
+        missing = [b for b in configs if b not in self._configs]
+        if missing:
+            rows = self.ledger.rows(missing, "payload")
+            for b in missing:
+                self._configs[b] = decode_config(payload_of(rows[b]))
+        policy = DEFAULT
+        for b in configs:
+            policy = policy.merged(self._configs[b])
+        return policy
 
     @staticmethod
     def _undo_data(work: _Work, partition: str, undo: list[Any]) -> None:
@@ -274,15 +334,103 @@ class Engine:
             later = [r for r, p in self.applied.items() if p > first and r not in removed]
             sequence = sorted([*later, *remove], key=self.applied.__getitem__)
         else:
-            start = self.graph.sort_key(add[0])
-            later = [r for r in self.applied if self.graph.sort_key(r) > start]
-            sequence = self.graph.canonical_order([*later, *add])
+            graph = self.graph
+            start = graph.sort_key(add[0])
+            if any(graph.get(r).is_barrier for r in add):
+                return self._reordered(add, start)
+            if not self.applied or (graph.in_open_segment(add[0]) and start[1] > self.clock.last):
+                return [Step("apply", r) for r in add]  # everything sorts after what is applied
+            if not any(b in self.applied and graph.sort_key(b) > start
+                       for b in graph.barriers()):
+                redo = self._indexed_walk(add, start)
+                undo = sorted(redo, key=self.applied.__getitem__, reverse=True)
+                again = graph.canonical_order([*add, *redo]) if redo else add
+                return [Step("undo", r) for r in undo] + [Step("apply", r) for r in again]
+            later = [r for r in self.applied if graph.sort_key(r) > start]
+            sequence = graph.canonical_order([*later, *add])
         redo = self._dirty_walk(sequence, set(remove) | set(add)) if later else []
         undo = sorted([*remove, *redo], key=self.applied.__getitem__, reverse=True)
         steps = [Step("undo", r) for r in undo]
         again = self.graph.canonical_order([*add, *redo]) if redo else add
         steps += [Step("apply", r) for r in again]
         return steps
+
+    def _indexed_walk(self, add: list[str], start: tuple[Any, ...]) -> list[str]:
+        """Return the integrated revisions to redo around ``add``, through the key index.
+
+        The same result as :meth:`_dirty_walk` over every later revision, but
+        only the writers of dirty keys are looked at: a key becomes dirty at
+        the first added or redone revision that writes it, and an integrated
+        writer of it that sorts after that point is redone (in canonical
+        order, so each redo can only dirty keys for revisions after it).
+        """
+        graph = self.graph
+        key = graph.sort_key
+        added = set(add)
+        rows = self.ledger.rows(add, "payload", "partition", "kind")
+        dirty_from: dict[Key, tuple[Any, ...]] = {}
+        for r in add:
+            row = rows[r]
+            for op in decode_ops(payload_of(row), trusted=True):
+                dirty_from.setdefault((row.partition, *write_key(op)), key(r))
+        heap: list[tuple[tuple[Any, ...], str]] = []
+        queued: set[str] = set()
+        self.walk_reads = len(add)
+
+        def push(keys: list[Key], min_ms: int) -> None:
+            by_partition: dict[str, list[tuple[str, str]]] = defaultdict(list)
+            for k in keys:
+                by_partition[k[0]].append((k[1], k[2]))
+            for partition, pairs in by_partition.items():
+                found = self.ledger.writers(partition, pairs, min_ms)
+                self.walk_reads += len(found)
+                for collection, text, rev in found:
+                    if rev in queued or rev in added or rev not in self.applied:
+                        continue
+                    s = key(rev)
+                    if s > dirty_from[(partition, collection, text)]:
+                        queued.add(rev)
+                        heapq.heappush(heap, (s, rev))
+
+        push(list(dirty_from), start[1][0])
+        redo: list[str] = []
+        while heap:
+            s, r = heapq.heappop(heap)
+            redo.append(r)
+            row = self.ledger.rows([r], "undo", "partition")[r]
+            self.walk_reads += 1
+            fresh = [k for k in ((row.partition, u[0], u[1]) for u in json.loads(row.undo or "[]"))
+                     if k not in dirty_from or dirty_from[k] > s]
+            for k in fresh:
+                dirty_from[k] = s
+            if fresh:
+                push(fresh, s[1][0])
+        self.store.rollback()
+        return redo
+
+    def _reordered(self, add: list[str], start: tuple[Any, ...]) -> list[Step]:
+        """Plan the arrival of a barrier: re-apply the open segment in the new order.
+
+        A barrier moves the revisions of its ancestry ahead of the open
+        segment's others. Everything up to the last integrated barrier stays;
+        after it, roll back from the first position where the applied order
+        and the new canonical order differ (or where ``add`` sorts in), then
+        re-apply in the new order. Barriers are rare: correctness first.
+        """
+        graph = self.graph
+        by_position = sorted(self.applied, key=self.applied.__getitem__)
+        sealed = 0
+        for i, r in enumerate(by_position):
+            if graph.get(r).is_barrier:
+                sealed = i + 1
+        rest = by_position[sealed:]
+        order = graph.canonical_order(rest)
+        i = 0
+        while i < len(rest) and rest[i] == order[i] and graph.sort_key(order[i]) < start:
+            i += 1
+        rollback = rest[i:]
+        return ([Step("undo", r) for r in reversed(rollback)]
+                + [Step("apply", r) for r in graph.canonical_order([*rollback, *add])])
 
     def _dirty_walk(self, sequence: list[str], changed: set[str]) -> list[str]:
         """Return the unchanged revisions of ``sequence`` that meet a changed one's writes."""
@@ -384,6 +532,8 @@ class Engine:
                     entry, conflicts = self._apply_data(work, row.id, row.partition,
                                                         ops_of[row.id], position, preload=False)
                     audit += [("conflict", row.id, "conflict", 0.0, c) for c in conflicts]
+                elif row.kind == "config":
+                    entry = Applied(row.id, position, [])
                 else:
                     work.flush()
                     note = self._script(self._verified(row.id), "upgrade")
@@ -396,6 +546,8 @@ class Engine:
                 if row.kind == "data":
                     if row.undo is not None:
                         self._undo_data(work, row.partition, loads(row.undo))
+                elif row.kind == "config":
+                    pass
                 else:
                     work.flush()
                     note = self._script(self._verified(row.id), "downgrade")
@@ -425,6 +577,10 @@ class Engine:
         self.store.commit()
         for rev_id in removed:
             self._mark_unapplied(rev_id)
+            self.conflicted.discard(rev_id)
+        for entry in applied:
+            if entry.state == CONFLICTED:
+                self.conflicted.add(entry.id)
         for rev_id, position in positions.items():
             self._mark_applied(rev_id, position)
         self.next_position += len(positions)
@@ -458,11 +614,37 @@ class Engine:
                 self.graph.add(node_of(rev.descriptor))
                 self.partition[rev.id] = rev.partition
                 self.messages[rev.id] = rev.message
+                self.held.add(rev.partition, rev.descriptor["origin"], rev.descriptor["seq"],
+                              rev.id)
                 if rev.descriptor["origin"] == self.origin:
                     self.seqs[rev.partition] = max(self.seqs.get(rev.partition, 0),
                                                    rev.descriptor["seq"])
                     self.clock.absorb(rev.hlc)
         return [rev.id for rev in new]
+
+    def add_fetched(self, revs: Sequence[Revision], quarantined: Sequence[Revision] = ()
+                    ) -> None:
+        """Take revisions whose payloads sync just recorded into the in-memory state."""
+        for rev in revs:
+            node = node_of(rev.descriptor)
+            self.graph.add(node)
+            self.quarantined.pop(rev.id, None)
+            self.partition[rev.id] = rev.partition
+            self.messages[rev.id] = rev.message
+            self.held.add(rev.partition, rev.descriptor["origin"], rev.descriptor["seq"], rev.id)
+        for rev in quarantined:
+            self.quarantined[rev.id] = node_of(rev.descriptor)
+            self.partition[rev.id] = rev.partition
+            self.held.add(rev.partition, rev.descriptor["origin"], rev.descriptor["seq"], rev.id)
+
+    def integrate(self, progress: ProgressCallback | None = None) -> list[Step]:
+        """Apply every fetched revision in canonical order, redoing what it must; return steps."""
+        pending = self.fetched()
+        if not pending:
+            return []
+        steps = self._with_redo(add=pending, remove=[])
+        self.run(steps, "integrate", progress)
+        return steps
 
     # -- queries ---------------------------------------------------------------
     def is_integrated(self, rev_id: str) -> bool:

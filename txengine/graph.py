@@ -186,6 +186,14 @@ class Graph:
         """Return the revisions without children, in canonical order (kept incrementally)."""
         return self.canonical_order(self._heads)
 
+    def barriers(self) -> list[str]:
+        """Return the barriers (script, checkpoint and config revisions) in barrier order."""
+        return list(self._barriers)
+
+    def in_open_segment(self, rev_id: str) -> bool:
+        """Say whether no barrier holds ``rev_id`` yet (it sorts after every barrier)."""
+        return rev_id not in self._segments()
+
     def bases(self) -> list[str]:
         """Return the revisions without parents, in canonical order."""
         return self.canonical_order(i for i, n in self._nodes.items() if not n.parents)

@@ -10,11 +10,13 @@ make its cost follow the round trips, not the data.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import (
     CycleDetected,
+    DigestMismatch,
     ForkedRevision,
     MalformedPayload,
     MissingParent,
@@ -131,3 +133,163 @@ def _topological(new: dict[str, Revision]) -> list[Revision]:
                 state[rev_id] = 2
                 order.append(new[rev_id])
     return order
+
+
+# -- sync: descriptors first, payloads after, each revision on its own -------------------
+
+@dataclass(frozen=True)
+class Refusal:
+    """A revision sync refused: recorded in the audit, reported, its slot left open."""
+
+    revision: str
+    reason: str
+    origin: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"revision": self.revision, "reason": self.reason, "origin": self.origin}
+
+
+def _peer_of(origin: str) -> str:
+    return origin.rpartition(":")[0] or origin
+
+
+def _hlc_problem(engine: Engine, d: dict[str, Any], extra: dict[str, Any]) -> str | None:
+    """Return why ``d``'s hlc is not above a known parent's, or None."""
+    for parent in [*d["parents"], *d["depends_on"]]:
+        node = engine.graph.get(parent) if parent in engine.graph else engine.quarantined.get(
+            parent)
+        hlc = tuple(node.hlc) if node is not None else (
+            tuple(extra[parent]["hlc"]) if parent in extra else None)
+        if hlc is not None and tuple(d["hlc"]) <= hlc:
+            return (f"revision {d['id'][:12]} has hlc {list(d['hlc'])} not above its parent"
+                    f" {parent[:12]}'s {list(hlc)}: refused")
+    return None
+
+
+def check_announced(engine: Engine, descriptors: Sequence[Any],
+                    sequencer: Callable[[str], str | None]
+                    ) -> tuple[list[dict[str, Any]], list[Refusal]]:
+    """Check descriptors from another peer; return (new ones to record as announced, refusals).
+
+    Each is checked on its own: shape, digest (and id = digest for data),
+    known id or (origin, seq) slot with another digest, hlc above known
+    parents, and for barriers the sequencer and the barrier order. Scripts
+    from another peer are refused (only the local ``versions/`` is trusted
+    until signatures exist). Exact repeats are dropped.
+    """
+    from .exceptions import TxEngineError
+    from .revision import compute_digest
+
+    fresh: dict[str, dict[str, Any]] = {}
+    refused: list[Refusal] = []
+    checked = []
+    for raw in descriptors:
+        rev_id = str(raw.get("id", "?")) if isinstance(raw, dict) else "?"
+        try:
+            d = check_descriptor(raw)
+            digest = compute_digest(d)
+            if digest != d["digest"] or (d["kind"] == "data" and d["id"] != digest):
+                raise DigestMismatch(rev_id, str(d["digest"]), digest)
+        except TxEngineError as exc:
+            refused.append(Refusal(rev_id, str(exc), raw.get("origin") if isinstance(
+                raw, dict) else None))
+            continue
+        checked.append(d)
+    ids = [d["id"] for d in checked]
+    known = engine.ledger.rows(ids, "digest", "state")
+    slots: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for d in checked:
+        slots[(d["origin"], d["partition"])].append(d["seq"])
+    taken = {key: engine.ledger.slots(*key, seqs) for key, seqs in slots.items()}
+    engine.store.rollback()
+    barriers = engine.graph.barriers()
+    last = max((engine.graph.get(b) for b in barriers), default=None,
+               key=lambda n: (n.hlc, n.origin, n.id))
+    for d in checked:
+        rev_id = d["id"]
+        row = known.get(rev_id)
+        if row is not None:
+            if row.digest != d["digest"]:
+                refused.append(Refusal(rev_id, str(ForkedRevision(
+                    f"revision {rev_id[:12]}", row.digest, d["digest"])), d["origin"]))
+            continue
+        if rev_id in fresh:
+            if fresh[rev_id]["digest"] != d["digest"]:
+                refused.append(Refusal(rev_id, "two descriptors with one id: refused", d["origin"]))
+            continue
+        slot = taken[(d["origin"], d["partition"])].get(d["seq"])
+        if slot is not None and slot[0] != rev_id:
+            refused.append(Refusal(rev_id, str(ForkedRevision(
+                f"(origin {d['origin']}, seq {d['seq']})", slot[1], d["digest"])), d["origin"]))
+            continue
+        problem = _hlc_problem(engine, d, fresh)
+        if problem is None and d["kind"] == "script":
+            problem = (f"revision {rev_id[:12]} is script code from another peer: only this"
+                       " peer's versions/ is trusted until revisions are signed; refused")
+        elif problem is None and d["kind"] != "data":
+            named = sequencer(d["partition"])
+            if named is None or _peer_of(d["origin"]) != named:
+                problem = (f"barrier {rev_id[:12]} comes from {_peer_of(d['origin'])!r}, which is"
+                           f" not the sequencer of partition {d['partition']!r}"
+                           f" ({'none is named' if named is None else repr(named)}): refused")
+            elif last is not None and (tuple(d["hlc"]), d["origin"], rev_id) < (
+                    last.hlc, last.origin, last.id):
+                problem = (f"barrier {rev_id[:12]} sorts before the known barrier"
+                           f" {last.id[:12]}: refused")
+        if problem is not None:
+            refused.append(Refusal(rev_id, problem, d["origin"]))
+            continue
+        fresh[rev_id] = d
+    return list(fresh.values()), refused
+
+
+def check_fetched(engine: Engine, rows: dict[str, Any], payloads: dict[str, bytes],
+                  horizon_ms: int) -> tuple[list[Revision], list[Revision], list[Refusal]]:
+    """Check arrived payloads against their announced descriptors, each on its own.
+
+    Return (fetched, quarantined, refused). A payload whose parent is still
+    missing stays announced (neither fetched nor refused): the parent may
+    come in a later batch. A revision whose physical time is beyond
+    ``horizon_ms`` is quarantined; barriers, which only the sequencer issues,
+    are exempt.
+    """
+    from .exceptions import TxEngineError
+    from .ledger import descriptor_from_row
+    from .policy import decode_config
+
+    candidates: list[Revision] = []
+    refused: list[Refusal] = []
+    for rev_id, payload in payloads.items():
+        row = rows.get(rev_id)
+        if row is None:
+            continue
+        d = descriptor_from_row(row)
+        try:
+            rev = _check_one(d, payload, trusted=True)
+            if rev.kind == "config":
+                decode_config(payload)
+            candidates.append(rev)
+        except TxEngineError as exc:
+            refused.append(Refusal(rev_id, str(exc), d["origin"]))
+    candidates.sort(key=lambda r: (r.hlc, r.descriptor["origin"], r.id))
+    good: dict[str, Revision] = {}
+    held: dict[str, Revision] = {}
+    for rev in candidates:
+        d = rev.descriptor
+        waiting = False
+        for parent in [*d["parents"], *d["depends_on"]]:
+            if parent not in engine.graph and parent not in good and parent not in held \
+                    and parent not in engine.quarantined:
+                waiting = True
+        if waiting:
+            continue
+        problem = _hlc_problem(engine, d, {r: g.descriptor for r, g in {**good, **held}.items()})
+        if problem is not None:
+            refused.append(Refusal(rev.id, problem, d["origin"]))
+            continue
+        parked = any(p in held or p in engine.quarantined for p in d["parents"])
+        if rev.kind == "data" and (rev.hlc[0] > horizon_ms or parked):
+            held[rev.id] = rev
+        else:
+            good[rev.id] = rev
+    return list(good.values()), list(held.values()), refused

@@ -24,6 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .exceptions import LockTimeout, StaleLease
+from .ops import write_set
 from .revision import Revision
 from .stores.sql import placeholder, raw_cursor
 from .values import dumps
@@ -90,12 +91,12 @@ state = sa.Table(
 writes = sa.Table(
     "txengine_writes",
     metadata,
-    sa.Column("partition", sa.String(200), nullable=False),
-    sa.Column("collection", sa.String(100), nullable=False),
-    sa.Column("key", sa.Text, nullable=False),
-    sa.Column("hlc_ms", sa.BigInteger, nullable=False),
-    sa.Column("revision", sa.String(80), nullable=False),
-    sa.Index("txengine_writes_key", "partition", "collection", "key", "hlc_ms"),
+    sa.Column("partition", sa.String(200), primary_key=True),
+    sa.Column("collection", sa.String(100), primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("hlc_ms", sa.BigInteger, primary_key=True),
+    sa.Column("revision", sa.String(80), primary_key=True),
+    sqlite_with_rowid=False,
 )
 """The key index: which data revision writes which key (derived from its ops at intake).
 
@@ -163,8 +164,6 @@ def descriptor_from_row(row: Any) -> dict[str, Any]:
 
 def write_rows(revs: Iterable[Revision]) -> list[tuple[str, str, str, int, str]]:
     """Return the key-index rows (partition, collection, key, hlc_ms, revision) of ``revs``."""
-    from .ops import write_set
-
     out = []
     for rev in revs:
         if rev.payload and rev.kind == "data":
@@ -259,13 +258,20 @@ class Ledger:
                 now,
             ))
         if params:
-            raw_cursor(self.conn).executemany(self._sql["insert"], params)
-            self._index_writes([rev for rev, _st, _a in rows])
+            cur = raw_cursor(self.conn)
+            if len(params) == 1:
+                cur.execute(self._sql["insert"], params[0])
+            else:
+                cur.executemany(self._sql["insert"], params)
+            self._index_writes([rev for rev, _st, _a in rows], cur)
 
-    def _index_writes(self, revs: Iterable[Revision]) -> None:
+    def _index_writes(self, revs: Iterable[Revision], cur: Any = None) -> None:
         keys = write_rows(revs)
-        if keys:
-            raw_cursor(self.conn).executemany(self._sql["writes"], keys)
+        cur = cur or raw_cursor(self.conn)
+        if len(keys) == 1:
+            cur.execute(self._sql["writes"], keys[0])
+        elif keys:
+            cur.executemany(self._sql["writes"], keys)
 
     def announce_many(self, descriptors: Sequence[dict[str, Any]]) -> None:
         """Record descriptors whose payload has not arrived yet (state ``announced``)."""
@@ -323,10 +329,10 @@ class Ledger:
         q = sa.select(revisions.c.state, sa.func.count()).group_by(revisions.c.state)
         return {st: int(n) for st, n in self.conn.execute(q)}
 
-    def backfill_writes(self) -> int:
+    def backfill_writes(self) -> int | None:
         """Fill the key index for revisions recorded before it existed; return how many."""
         if self.get_state("writes_index") is not None:
-            return 0
+            return None
         done = 0
         rows = self.conn.execute(sa.select(revisions.c.id).where(
             revisions.c.kind == "data", revisions.c.payload.is_not(None))).all()
@@ -402,6 +408,12 @@ class Ledger:
                 c.origin == origin, c.partition == partition, c.seq.in_(seqs[i:i + 500]))
             out.update({seq: (rid, digest) for seq, rid, digest in self.conn.execute(q)})
         return out
+
+    def script_checksums(self) -> dict[str, str]:
+        """Return ``{checksum: id}`` of every script revision (authored files it has seen)."""
+        c = revisions.c
+        q = sa.select(c.checksum, c.id).where(c.kind == "script")
+        return {checksum: rev_id for checksum, rev_id in self.conn.execute(q)}
 
     def max_seq(self, origin: str) -> dict[str, int]:
         """Return ``{partition: highest seq}`` for one origin."""

@@ -31,7 +31,7 @@ from .ops import Delete, Insert, Op, Update, op_from_json
 from .revision import DEFAULT_PARTITION, Revision, check_descriptor, verify_bytes
 from .stores.sql import SqlStore, configure_engine, create_engine
 from .transaction import Transaction, build_data_revision
-from .values import from_ejson, key_text, to_ejson
+from .values import from_ejson, key_text, sha256, to_ejson
 
 _PEER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
@@ -134,6 +134,26 @@ class NewScript:
                 "branch_labels": list(self.branch_labels), "depends_on": list(self.depends_on)}
 
 
+@dataclass(frozen=True)
+class Status:
+    """The counts an app needs for its sync badge."""
+
+    peer: str
+    origin: str
+    unsent: int
+    """Revisions written here that no peer has acknowledged yet."""
+    announced: int
+    """Descriptors known whose payloads have not arrived."""
+    fetched: int
+    """Revisions held and checked but not integrated (yet)."""
+    conflicted: int
+    quarantined: int
+    pinned: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class Peer:
     """A participant: a store, its ledger, and an identity.
 
@@ -175,8 +195,14 @@ class Peer:
             self.script_location = Path(script_location) if script_location else None
             self._engine = Engine(self._store, self._ledger, self.origin,
                                   scripts=self._run_script, batch_size=batch_size)
-            self._scripts: dict[str, Any] = {}
+            self._script_paths: dict[str, Path] = {}
+            self._authored: dict[str, Any] = {}
             self._pinned: bool | None = None
+            self.max_clock_skew_ms = 5 * 60 * 1000
+            """Revisions whose hlc is further ahead of this peer's clock are quarantined."""
+            if self._ledger.backfill_writes() is not None:
+                self._store.commit()
+            self._store.rollback()
             if self.script_location is not None:
                 self._load_scripts()
         except BaseException:
@@ -401,7 +427,10 @@ class Peer:
 
     def audit(self, revision: str | None = None) -> list[AuditEntry]:
         """Return the audit trail, oldest first; with ``revision``, what concerns it."""
-        rev_id = self.resolve(revision) if revision else None
+        if revision and revision not in self._engine.graph and len(revision) == 64:
+            rev_id: str | None = revision  # announced or refused: not in the graph
+        else:
+            rev_id = self.resolve(revision) if revision else None
         entries = self._ledger.audit_entries()
         self._store.rollback()
         if rev_id is None:
@@ -418,15 +447,19 @@ class Peer:
                    "stamp": self._engine.plan_stamp}[action]
         return planner(target)
 
-    def _execute(self, action: str, target: str, progress: ProgressCallback | None
-                 ) -> OperationResult:
+    def _execute(self, action: str, target: str, progress: ProgressCallback | None,
+                 steps: list[Step] | None = None) -> OperationResult:
+        """Run a plan; report what it applied and undid, net of the redone revisions."""
         self._take_lease()
-        steps = self.plan(action, target)
+        if steps is None:
+            steps = self.plan(action, target)
         self._engine.run(steps, action, progress)
-        undone = [s.revision for s in steps if s.action in ("undo", "unstamp")]
+        undone = {s.revision for s in steps if s.action in ("undo", "unstamp")}
         done = [s.revision for s in steps if s.action in ("apply", "stamp")]
-        return OperationResult(action, [r for r in done if r not in undone or True],
-                               [r for r in undone if r not in done])
+        redone = undone.intersection(done)
+        return OperationResult(action, [r for r in done if r not in redone],
+                               [s.revision for s in steps if s.action in ("undo", "unstamp")
+                                and s.revision not in redone])
 
     def upgrade(self, target: str = "heads", progress: ProgressCallback | None = None
                 ) -> OperationResult:
@@ -442,10 +475,11 @@ class Peer:
                   ) -> OperationResult:
         """Undo applied revisions back to ``target``; the peer stays pinned there."""
         self._take_lease()
-        if not self.pinned and self.plan("downgrade", target):
+        steps = self.plan("downgrade", target)
+        if steps and not self.pinned:
             # Pin before the first batch commits, so an interrupted downgrade stays pinned.
             self._set_pinned(True, {"target": target})
-        return self._execute("downgrade", target, progress)
+        return self._execute("downgrade", target, progress, steps)
 
     def stamp(self, target: str) -> OperationResult:
         """Mark ``target`` and its ancestry as applied (only those), running nothing."""
@@ -537,6 +571,173 @@ class Peer:
                 raise MalformedPayload(f"line {number}: not a revision record ({exc})") from exc
         return self.receive(items)
 
+    # -- sync ---------------------------------------------------------------------
+    def sync(self, other: Peer, *, channel: Any = None, events: Any = None,
+             batch_size: int = 500) -> Any:
+        """Exchange revisions with ``other`` in this process, both ways, and integrate.
+
+        Version vectors first, then descriptors (recorded as announced), then
+        payloads in batches (checked, fetched), then integration in canonical
+        order on both peers (a pinned peer only announces and fetches).
+        ``channel`` may drop, duplicate or reorder messages (see
+        :mod:`txengine.sync`); ``events`` receives a :class:`~txengine.sync.SyncEvent`
+        for each revision announced, fetched, applied, rolled back, conflicted,
+        refused or quarantined. Returns a :class:`~txengine.sync.SyncResult`.
+        """
+        from .sync import Side, exchange
+
+        self._take_lease()
+        other._take_lease()
+        return exchange(Side(self, batch_size, events), Side(other, batch_size, events), channel)
+
+    def status(self) -> Status:
+        """Return the sync badge counts: unsent, announced, fetched, conflicted, quarantined."""
+        engine = self._engine
+        counts = self._ledger.count_states()
+        unsent = 0
+        for partition in engine.held.partitions():
+            top = engine.held.highest(partition, self.origin)
+            if top:
+                sent = int(self._ledger.get_state(f"sent:{self.origin}:{partition}") or 0)
+                unsent += max(0, top - sent)
+        self._store.rollback()
+        return Status(self.peer_id, self.origin, unsent, counts.get("announced", 0),
+                      len(engine.graph) - len(engine.applied), len(engine.conflicted),
+                      counts.get("quarantined", 0), self.pinned)
+
+    def trust_sequencer(self, peer_id: str, partition: str = DEFAULT_PARTITION) -> None:
+        """Name the peer whose barriers this peer accepts from sync for ``partition``.
+
+        A local stand-in for the trust anchor (signatures come later): a
+        ``config`` revision from that sequencer may hand the role over.
+        """
+        self._ledger.set_state(f"sequencer:{partition}", peer_id)
+        self._ledger.audit("trust", None, detail={"partition": partition, "sequencer": peer_id})
+        self._store.commit()
+
+    def _sequencer(self, partition: str) -> str | None:
+        named = self._engine.policy_for(partition).sequencer
+        if named is None:
+            named = self._ledger.get_state(f"sequencer:{partition}")
+            self._store.rollback()
+        return named
+
+    def configure(self, partition: str = DEFAULT_PARTITION, *,
+                  policies: dict[str, str] | None = None, default: str | None = None,
+                  sync: Sequence[str] | None = None, sequencer: str | None = None,
+                  message: str = "config") -> RevisionInfo:
+        """Write a ``config`` revision (a barrier): conflict policies, synced collections,
+        sequencer. Only the partition's sequencer may, or anyone while none is named."""
+        from .policy import encode_config
+        from .revision import build
+
+        named = self._sequencer(partition)
+        if named is not None and named != self.peer_id:
+            raise ConfigError(f"only the sequencer of partition {partition!r} ({named!r}) may"
+                              " write config revisions")
+        self._before_write()
+        engine = self._engine
+        graph = engine.graph
+        parents = engine.parents_for(partition)
+        above = [graph.get(p).hlc for p in parents] + [graph.get(b).hlc
+                                                       for b in graph.barriers()]
+        payload = encode_config(policies, default, list(sync) if sync is not None else None,
+                                sequencer)
+        rev = build(kind="config", payload=payload, partition=partition, parents=parents,
+                    origin=engine.origin, seq=engine.next_seq(partition),
+                    hlc=engine.clock.tick(above), message=message,
+                    rev_id=f"config_{secrets.token_hex(8)}")
+        engine.receive([(rev.descriptor, rev.payload)], trusted=True)
+        self._integrate()
+        return self.info(rev.id)
+
+    def _integrate(self) -> list[Step]:
+        self._take_lease()
+        return self._engine.integrate()
+
+    def _mark_sent(self, partition: str, seq: int) -> None:
+        name = f"sent:{self.origin}:{partition}"
+        if seq > int(self._ledger.get_state(name) or 0):
+            self._ledger.set_state(name, str(seq))
+            self._store.commit()
+        else:
+            self._store.rollback()
+
+    def _promote(self, ids: Sequence[str], reason: str) -> None:
+        """Move quarantined revisions to fetched (parents first)."""
+        if not ids:
+            return
+        from .ledger import FETCHED
+
+        rows = self._ledger.full_rows(list(ids))
+        revs = sorted((Revision(descriptor_from_row(r), payload_of(r)) for r in rows.values()),
+                      key=lambda r: r.hlc)
+        self._ledger.set_states([r.id for r in revs], FETCHED)
+        self._ledger.audit_many([("release", r.id, "ok", 0.0, {"reason": reason}) for r in revs])
+        self._store.commit()
+        self._engine.add_fetched(revs)
+
+    def _release_quarantine(self) -> None:
+        """Release quarantined revisions the clock has caught up with."""
+        engine = self._engine
+        if not engine.quarantined:
+            return
+        from .clock import wall_ms
+
+        horizon = max(wall_ms(), engine.clock.last[0]) + self.max_clock_skew_ms
+        ready: list[str] = []
+        for node in sorted(engine.quarantined.values(), key=lambda n: n.hlc):
+            if node.hlc[0] <= horizon and all(
+                    p in engine.graph or p in ready for p in node.parents):
+                ready.append(node.id)
+        self._promote(ready, "clock caught up")
+
+    def _admit_quarantined(self, barriers: Sequence[Revision]) -> None:
+        """Release the quarantined ancestry of barriers the sequencer issued."""
+        engine = self._engine
+        admit: set[str] = set()
+        stack = [p for b in barriers for p in b.parents]
+        while stack:
+            rev_id = stack.pop()
+            if rev_id in engine.quarantined and rev_id not in admit:
+                admit.add(rev_id)
+                stack.extend(engine.quarantined[rev_id].parents)
+        self._promote(sorted(admit), "admitted by a barrier")
+
+    def _reissue(self, kept: set[str]) -> dict[str, str]:
+        """Move to a new epoch and re-issue this origin's revisions the other side lacks.
+
+        Called when another peer holds (origin, seq) values this store does not
+        (it was restored from a backup and wrote offline): those revisions
+        were never sent, so they are undone, removed and written again — same
+        ops, new origin, seq and ids — and nothing is lost.
+        """
+        engine, graph = self._engine, self._engine.graph
+        self._take_lease()
+        mine = [r for r in graph if graph.get(r).origin == self.origin and r not in kept]
+        unsent = graph.canonical_order(graph.descendants(mine)) if mine else []
+        rows = self._ledger.full_rows(unsent)
+        revs = [Revision(descriptor_from_row(rows[r]), payload_of(rows[r])) for r in unsent]
+        self._store.rollback()
+        engine.run(engine._with_redo(add=[], remove=[r for r in unsent if r in engine.applied]),
+                   "reissue")
+        epoch = int(self._ledger.get_state("epoch") or 0) + 1
+        self._ledger.delete(unsent)
+        self._ledger.set_state("epoch", str(epoch))
+        self._ledger.audit("epoch", None, detail={"from": self.origin, "epoch": epoch,
+                                                  "reissue": unsent})
+        self._store.commit()
+        self.origin = engine.origin = f"{self.peer_id}:{epoch}"
+        engine.load()
+        mapping: dict[str, str] = {}
+        for rev in revs:
+            if rev.kind != "data":
+                continue
+            ops = [_remap_expect(op, mapping) for op in rev.ops]
+            new = self._commit_ops(rev.message, rev.partition, ops, {})
+            mapping[rev.id] = new.id
+        return mapping
+
     # -- verify -------------------------------------------------------------------
     def verify(self, replay: bool = False) -> VerifyReport:
         """Recompute every checksum and digest and check the chain; optionally replay."""
@@ -616,24 +817,41 @@ class Peer:
         self._take_lease()
         self._engine.receive([(script.revision.descriptor, script.revision.payload)],
                              trusted=True)
-        self._scripts[rev_id] = script
+        self._script_paths[rev_id] = path
+        self._authored[rev_id] = script
         return NewScript(rev_id, path, tuple(parents), tuple(branch_label), tuple(deps))
 
     def _load_scripts(self) -> None:
-        from .scripts import load_versions
+        """Record new authored files; refresh the text of changed, unapplied ones.
+
+        Files the ledger already knows by checksum are not parsed (see
+        ``scripts.scan_versions``); they are loaded when a script runs.
+        """
+        from .scripts import load_authored, scan_versions
 
         assert self.script_location is not None
-        if not self.script_location.is_dir():
-            return
-        scripts = {s.revision.id: s for s in load_versions(self.script_location)}
-        self._scripts = scripts
-        fresh = [(s.revision.descriptor, s.revision.payload) for r, s in scripts.items()
-                 if r not in self._engine.graph]
-        pending = [r for r in scripts if r in self._engine.graph and r not in self._engine.applied]
-        stored = self._ledger.rows(pending, "digest") if pending else {}
-        # Rewrite only what the file changed: opening a peer must not touch every row.
-        changed = [scripts[r].revision for r in pending
-                   if r in stored and stored[r].digest != scripts[r].revision.descriptor["digest"]]
+        known = self._ledger.script_checksums()
+        self._store.rollback()
+        graph, applied = self._engine.graph, self._engine.applied
+        paths: dict[str, Path] = {}
+        fresh, changed = [], []
+        for path, data in scan_versions(self.script_location):
+            rev_id = known.get(sha256(data))
+            if rev_id is not None:
+                paths[rev_id] = path
+                continue
+            script = load_authored(path)
+            rev = script.revision
+            if rev.id in paths:
+                raise MalformedPayload(f"{path}: revision {rev.id} is also defined in"
+                                       f" {paths[rev.id]}; give one of them a new id")
+            paths[rev.id] = path
+            self._authored[rev.id] = script
+            if rev.id not in graph:
+                fresh.append((rev.descriptor, rev.payload))
+            elif rev.id not in applied:
+                changed.append(rev)
+        self._script_paths = paths
         if fresh:
             self._take_lease()
             self._engine.receive(fresh, trusted=True)
@@ -642,17 +860,27 @@ class Peer:
         if changed:
             self._store.commit()
 
+    def authored(self, rev_id: str) -> Any | None:
+        """Return the authored script of ``rev_id`` from the script location, or None."""
+        from .scripts import load_authored
+
+        script = self._authored.get(rev_id)
+        if script is None and rev_id in self._script_paths:
+            script = self._authored[rev_id] = load_authored(self._script_paths[rev_id])
+        return script
+
     def _verify_scripts(self) -> list[Finding]:
         findings = []
-        for rev_id, script in self._scripts.items():
+        for rev_id, path in self._script_paths.items():
             if rev_id not in self._engine.applied:
                 continue
             row = self._ledger.row(rev_id)
-            if row is not None and payload_of(row) != script.revision.payload:
+            text = path.read_bytes()
+            if row is not None and payload_of(row) != text:
                 findings.append(Finding(rev_id, (
-                    f"authored script {script.path} changed after it was applied (checksum"
-                    f" {script.revision.descriptor['checksum'][:12]}, applied"
-                    f" {row.checksum[:12]}): restore the file, or write a new revision")))
+                    f"authored script {path} changed after it was applied (checksum"
+                    f" {sha256(text)[:12]}, applied {row.checksum[:12]}): restore the file,"
+                    " or write a new revision")))
         self._store.rollback()
         return findings
 
@@ -675,6 +903,16 @@ class Peer:
 
 
 _MISSING = object()
+
+
+def _remap_expect(op: Op, mapping: dict[str, str]) -> Op:
+    """Point an op's ``expect`` at the re-issued id of the revision it named."""
+    expect = getattr(op, "expect", None)
+    if expect in mapping:
+        import dataclasses
+
+        return dataclasses.replace(op, expect=mapping[expect])  # type: ignore[type-var]
+    return op
 
 
 def _revert_ops(tx: Transaction, rev_id: str, op: Op, prior: dict[Any, Any]) -> list[Op]:

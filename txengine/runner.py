@@ -46,7 +46,7 @@ class ScriptOp:
 
 def run_authored(peer: Peer, rev: Revision, direction: str) -> str | None:
     """Run ``upgrade`` or ``downgrade`` of a script revision; return a note when skipped."""
-    known = peer._scripts.get(rev.id)
+    known = peer.authored(rev.id)
     if known is None:
         raise UntrustedScript(
             f"script revision {rev.id} is not in this peer's script location"

@@ -492,6 +492,26 @@ def load_authored(path: Path) -> AuthoredScript:
     return AuthoredScript(path, text, revision, tuple(frozen["stores"]))
 
 
+def scan_versions(directory: Path) -> list[tuple[Path, bytes]]:
+    """Return each authored script file in ``directory`` with its bytes, parsing nothing.
+
+    Opening a peer hashes these and parses only the files whose checksum the
+    ledger does not know: parsing every header on every command is what makes
+    Alembic's ``heads`` slow on long histories.
+    """
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in sorted(directory.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        data = path.read_bytes()
+        text = data.decode("utf-8", errors="replace")
+        if _HEADER_LINE.search(text) and DATA_MARKER not in text.splitlines():
+            found.append((path, data))
+    return found
+
+
 def load_versions(directory: Path) -> list[AuthoredScript]:
     """Load every authored script revision in ``directory``, sorted by file name.
 

@@ -45,7 +45,13 @@ REVISIONS = "txengine_revisions"
 AUDIT = "txengine_audit"
 STATE = "txengine_state"
 LOCK = "txengine_lock"
-WRITES = "txengine_writes"
+_SEP = "\x1f"
+
+
+def _write_keys(rev: Revision) -> list[str]:
+    """Return the key index of a revision, kept in its own document (multikey-indexed):
+    ``collection<US>key`` for each key its ops write."""
+    return [f"{c}{_SEP}{k}" for _p, c, k, _ms, _r in write_rows([rev])]
 COLUMNS = tuple(c.name for c in revisions.c)
 _NODE_COLUMNS = ("id", "partition", "kind", "origin", "hlc_ms", "hlc_c", "parents",
                  "depends_on", "branch_labels", "position", "message", "seq", "state")
@@ -87,9 +93,8 @@ class MongoLedger:
                                    name="txengine_revisions_origin_seq")
         db[REVISIONS].create_index([("position", ASCENDING)], name="txengine_revisions_position")
         db[AUDIT].create_index([("revision", ASCENDING)], name="txengine_audit_revision")
-        db[WRITES].create_index([("p", ASCENDING), ("c", ASCENDING), ("k", ASCENDING),
-                                 ("ms", ASCENDING)], name="txengine_writes_key")
-        db[WRITES].create_index([("r", ASCENDING)], name="txengine_writes_revision")
+        db[REVISIONS].create_index([("partition", ASCENDING), ("w", ASCENDING),
+                                    ("hlc_ms", ASCENDING)], name="txengine_revisions_writes")
         db["txengine_intents"].create_index([("step", ASCENDING)], name="txengine_intents_step")
 
     # -- revisions -------------------------------------------------------------------
@@ -111,15 +116,8 @@ class MongoLedger:
                 "state": applied.state if applied else st,
                 "position": applied.position if applied else None,
                 "undo": dumps(applied.undo) if applied and applied.undo is not None else None,
-                "stored_at": now,
+                "stored_at": now, "w": _write_keys(rev),
             }))
-        self._index_writes([rev for rev, _st, _a in rows])
-
-    def _index_writes(self, revs: Iterable[Revision]) -> None:
-        for partition, collection, key, ms, rev_id in write_rows(revs):
-            self.store.stage(WRITES, ("insert", {
-                "_id": f"{rev_id}/{collection}/{key}", "p": partition, "c": collection,
-                "k": key, "ms": ms, "r": rev_id}))
 
     def announce_many(self, descriptors: Sequence[dict[str, Any]]) -> None:
         self.insert_many([(Revision(d, None), ANNOUNCED, None)  # type: ignore[arg-type]
@@ -127,8 +125,8 @@ class MongoLedger:
 
     def fill_payloads(self, revs: Sequence[tuple[Revision, str]]) -> None:
         for rev, st in revs:
-            self.store.stage(REVISIONS, ("set", rev.id, {"payload": rev.payload, "state": st}))
-        self._index_writes([rev for rev, _st in revs])
+            self.store.stage(REVISIONS, ("set", rev.id, {"payload": rev.payload, "state": st,
+                                                         "w": _write_keys(rev)}))
 
     def set_states(self, ids: Sequence[str], st: str) -> None:
         for rev_id in ids:
@@ -137,8 +135,6 @@ class MongoLedger:
     def delete(self, ids: Sequence[str]) -> None:
         for rev_id in ids:
             self.store.stage(REVISIONS, ("delete", rev_id))
-        for doc in self.db[WRITES].find({"r": {"$in": list(ids)}}, {"_id": 1}):
-            self.store.stage(WRITES, ("delete", doc["_id"]))
 
     def writers(self, partition: str, keys: Sequence[tuple[str, str]], min_ms: int
                 ) -> list[tuple[str, str, str]]:
@@ -147,11 +143,16 @@ class MongoLedger:
         for collection, key in keys:
             by_collection.setdefault(collection, []).append(key)
         for collection, texts in sorted(by_collection.items()):
-            for i in range(0, len(texts), 1000):
-                for doc in self.db[WRITES].find(
-                        {"p": partition, "c": collection, "k": {"$in": texts[i:i + 1000]},
-                         "ms": {"$gte": min_ms}}, {"c": 1, "k": 1, "r": 1}):
-                    out.append((doc["c"], doc["k"], doc["r"]))
+            wanted = {f"{collection}{_SEP}{t}" for t in texts}
+            chunks = sorted(wanted)
+            for i in range(0, len(chunks), 1000):
+                for doc in self.db[REVISIONS].find(
+                        {"partition": partition, "w": {"$in": chunks[i:i + 1000]},
+                         "hlc_ms": {"$gte": min_ms}}, {"w": 1}):
+                    for w in doc["w"]:
+                        if w in wanted:
+                            c, _, k = w.partition(_SEP)
+                            out.append((c, k, doc["_id"]))
         return out
 
     def by_state(self, *states: str) -> list[Any]:
@@ -166,13 +167,15 @@ class MongoLedger:
             out[doc["_id"]] = int(doc["n"])
         return out
 
-    def backfill_writes(self) -> int:
+    def backfill_writes(self) -> int | None:
         if self.get_state("writes_index") is not None:
-            return 0
+            return None
         done = 0
-        for doc in self.db[REVISIONS].find({"kind": "data", "payload": {"$ne": None}}):
+        for doc in self.db[REVISIONS].find({"kind": "data", "payload": {"$ne": None},
+                                            "w": {"$exists": False}}):
             row = _row_type(COLUMNS)(*_values(doc, COLUMNS))
-            self._index_writes([Revision(descriptor_from_row(row), payload_of(row))])
+            rev = Revision(descriptor_from_row(row), payload_of(row))
+            self.store.stage(REVISIONS, ("set", rev.id, {"w": _write_keys(rev)}))
             done += 1
         self.set_state("writes_index", "1")
         return done
@@ -221,6 +224,10 @@ class MongoLedger:
                     {"seq": 1, "digest": 1}):
                 out[int(doc["seq"])] = (doc["_id"], doc["digest"])
         return out
+
+    def script_checksums(self) -> dict[str, str]:
+        return {doc["checksum"]: doc["_id"]
+                for doc in self.db[REVISIONS].find({"kind": "script"}, {"checksum": 1})}
 
     def max_seq(self, origin: str) -> dict[str, int]:
         out: dict[str, int] = {}

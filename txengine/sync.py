@@ -1,0 +1,352 @@
+"""Sync: version vectors, descriptors first, payloads after, integration in canonical order.
+
+This module deals in *messages* — JSON objects — and never moves bytes
+itself: a transport (in process, a bundle file, HTTP) carries them. Each
+peer's end is a :class:`Side`; :func:`exchange` drives two sides in one
+process, through an optional ``channel`` that may drop, duplicate or reorder
+messages (tests use it to show that nothing is lost, only delayed).
+
+Messages (``type``):
+
+``vector``
+    ``{"peer", "origin", "vectors": {partition: {origin: seq}}, "tips":
+    {partition: {origin: id prefix}}, "first"}`` — what the sender holds.
+    The first vector of an exchange asks for the other's in return.
+``descriptors``
+    ``{"items": [descriptor, ...]}`` in canonical order: what the other lacks.
+    The receiver checks each (digest, forks, hlc, barrier rights) and records
+    it as *announced*, so an app can show "3 updates pending" at once.
+``want``
+    ``{"ids": [...]}`` — the announced revisions whose payloads the sender needs.
+``payloads``
+    ``{"items": [[id, payload text], ...]}``, in batches. The receiver checks
+    checksum, digest, hlc and parents and marks them *fetched*; a bad one is
+    refused, audited and reported and keeps nothing: its slot stays open.
+``ack``
+    the sender's vector after taking payloads: the other side learns which
+    of its own revisions have been sent (``status().unsent``).
+``have`` / ``had``
+    after a restore from backup: which of my revisions do you hold?
+
+With nothing lost, an exchange takes three round trips: vectors and the
+first descriptors; the other descriptors and both ``want`` lists with the
+first payloads; the other payloads and the acks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .clock import wall_ms
+from .intake import Refusal, check_announced, check_fetched
+from .ledger import FETCHED, QUARANTINED, descriptor_from_row, payload_of
+
+if TYPE_CHECKING:
+    from .peer import Peer
+
+Message = dict[str, Any]
+Channel = Callable[[list[bytes]], list[bytes]]
+"""What a transport does to one leg's messages: the identity, or drop/duplicate/reorder."""
+
+TIP = 16
+"""Characters of a tip id carried in vectors (enough to tell a fork from a match)."""
+
+
+@dataclass(frozen=True)
+class SyncEvent:
+    """One thing sync did on a peer: announced, fetched, applied, rolled_back,
+    conflicted, refused, quarantined or epoch."""
+
+    kind: str
+    revision: str | None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+EventCallback = Callable[[SyncEvent], None]
+
+
+@dataclass
+class SyncReport:
+    """What one exchange did, seen from one peer."""
+
+    peer: str
+    announced: int = 0
+    fetched: int = 0
+    sent: int = 0
+    applied: list[str] = field(default_factory=list)
+    rolled_back: list[str] = field(default_factory=list)
+    conflicted: list[str] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+    reissued: dict[str, str] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["refused"] = [r.to_json() for r in self.refused]
+        return out
+
+
+@dataclass
+class SyncResult:
+    """Both sides' reports and the cost of the exchange."""
+
+    local: SyncReport
+    remote: SyncReport
+    round_trips: int = 0
+    messages: int = 0
+    bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"local": self.local.to_json(), "remote": self.remote.to_json(),
+                "round_trips": self.round_trips, "messages": self.messages,
+                "bytes": self.bytes}
+
+
+def encode(message: Message) -> bytes:
+    """Encode a message for a transport (compact JSON, UTF-8)."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def decode(data: bytes) -> Message:
+    message = json.loads(data)
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ValueError("a sync message is a JSON object with a type")
+    return message
+
+
+class Side:
+    """One peer's end of an exchange: takes messages, returns the replies."""
+
+    def __init__(self, peer: Peer, batch_size: int = 500,
+                 events: EventCallback | None = None) -> None:
+        self.peer = peer
+        self.engine = peer._engine
+        self.batch_size = batch_size
+        self.events = events
+        self.report = SyncReport(peer.peer_id)
+        self.other: str | None = None
+
+    def _emit(self, kind: str, revision: str | None, **detail: Any) -> None:
+        if self.events is not None:
+            self.events(SyncEvent(kind, revision, detail))
+
+    # -- vectors -------------------------------------------------------------------
+    def vector(self, first: bool = False) -> Message:
+        """Return this peer's version vectors (per partition) as a message."""
+        held = self.engine.held
+        vectors, tips = {}, {}
+        for partition in sorted(held.partitions()):
+            vector = held.vector(partition)
+            vectors[partition] = vector
+            tips[partition] = {o: (held.get(partition, o, s) or "")[:TIP]
+                               for o, s in vector.items()}
+        return {"type": "vector", "peer": self.peer.peer_id, "origin": self.engine.origin,
+                "vectors": vectors, "tips": tips, "first": first}
+
+    def handle(self, messages: Iterable[Message]) -> list[Message]:
+        """Handle one leg's messages, in arrival order; return the replies."""
+        out: list[Message] = []
+        payloads: dict[str, bytes] = {}
+        for message in messages:
+            kind = message.get("type")
+            if kind == "vector":
+                out += self._on_vector(message)
+            elif kind == "descriptors":
+                out += self._on_descriptors(message)
+            elif kind == "want":
+                out += self._on_want(message)
+            elif kind == "payloads":
+                for rev_id, text in message.get("items", []):
+                    payloads[str(rev_id)] = str(text).encode("utf-8")
+            elif kind == "ack":
+                self._on_ack(message)
+            elif kind == "have":
+                out.append(self._on_have(message))
+            elif kind == "had":
+                out += self._on_had(message)
+        if payloads:
+            self._on_payloads(payloads)
+            ack = self.vector()
+            ack["type"] = "ack"
+            out.append(ack)
+        return out
+
+    def _on_vector(self, message: Message) -> list[Message]:
+        self.other = str(message.get("peer"))
+        vectors: dict[str, dict[str, int]] = message.get("vectors", {})
+        tips: dict[str, dict[str, str]] = message.get("tips", {})
+        out: list[Message] = [self.vector()] if message.get("first") else []
+        self._on_ack(message)
+        have = self._restored(vectors, tips)
+        if have is not None:
+            return [*out, have]
+        held, graph = self.engine.held, self.engine.graph
+        ids: list[str] = []
+        for partition in sorted(held.partitions()):
+            ids += [r for r in held.after(partition, vectors.get(partition, {})) if r in graph]
+        if ids:
+            rows = self.peer._ledger.full_rows(ids)
+            self.peer._store.rollback()
+            items = [descriptor_from_row(rows[r]) for r in graph.canonical_order(ids)]
+            out.append({"type": "descriptors", "items": items})
+        return out
+
+    def _restored(self, vectors: dict[str, dict[str, int]], tips: dict[str, dict[str, str]]
+                  ) -> Message | None:
+        """Return a ``have`` query when the other side holds my (origin, seq) values
+        beyond, or other than, mine: this store was restored from a backup."""
+        origin, held = self.engine.origin, self.engine.held
+        for partition, vector in vectors.items():
+            seq = vector.get(origin, 0)
+            if not seq:
+                continue
+            mine = held.get(partition, origin, seq)
+            if mine is None or not mine.startswith(tips.get(partition, {}).get(origin, "")):
+                ids = [r for p in held.partitions() for r in held.after(p, {})
+                       if self.engine.graph._nodes.get(r) is not None
+                       and self.engine.graph.get(r).origin == origin]
+                return {"type": "have", "origin": origin, "ids": ids}
+        return None
+
+    def _on_have(self, message: Message) -> Message:
+        ids = [str(i) for i in message.get("ids", [])]
+        return {"type": "had", "origin": message.get("origin"),
+                "ids": [i for i in ids if i in self.engine.graph]}
+
+    def _on_had(self, message: Message) -> list[Message]:
+        if message.get("origin") != self.engine.origin:
+            return []  # an answer about an epoch already left
+        mapping = self.peer._reissue(set(map(str, message.get("ids", []))))
+        self.report.reissued.update(mapping)
+        self._emit("epoch", None, origin=self.engine.origin, reissued=mapping)
+        return [self.vector(first=True)]
+
+    # -- descriptors ---------------------------------------------------------------
+    def _on_descriptors(self, message: Message) -> list[Message]:
+        items = message.get("items", [])
+        fresh, refused = check_announced(self.engine, items, self.peer._sequencer)
+        ledger = self.peer._ledger
+        self._refuse(refused)
+        if fresh:
+            ledger.announce_many(fresh)
+            ledger.audit_many([("announce", d["id"], "ok", 0.0, {"origin": d["origin"]})
+                               for d in fresh])
+            self.peer._store.commit()
+            self.report.announced += len(fresh)
+            for d in fresh:
+                self._emit("announced", d["id"], origin=d["origin"])
+        wanted = [d["id"] for d in items if isinstance(d, dict)]
+        rows = ledger.rows([str(i) for i in wanted], "state")
+        self.peer._store.rollback()
+        want = [i for i in wanted if i in rows and rows[i].state == "announced"]
+        return [{"type": "want", "ids": want}] if want else []
+
+    def _refuse(self, refused: list[Refusal]) -> None:
+        if not refused:
+            return
+        self.peer._ledger.audit_many([
+            ("refuse", r.revision, "refused", 0.0, {"reason": r.reason, "origin": r.origin,
+                                                     "from": self.other})
+            for r in refused])
+        self.peer._store.commit()
+        self.report.refused += refused
+        for r in refused:
+            self._emit("refused", r.revision, reason=r.reason)
+
+    # -- payloads ------------------------------------------------------------------
+    def _on_want(self, message: Message) -> list[Message]:
+        ids = [str(i) for i in message.get("ids", []) if str(i) in self.engine.graph]
+        out = []
+        for i in range(0, len(ids), self.batch_size):
+            chunk = ids[i:i + self.batch_size]
+            rows = self.peer._ledger.rows(chunk, "payload")
+            out.append({"type": "payloads", "items": [
+                [r, payload_of(rows[r]).decode("utf-8")] for r in chunk if r in rows]})
+            self.report.sent += len(chunk)
+        self.peer._store.rollback()
+        return out
+
+    def _on_payloads(self, payloads: dict[str, bytes]) -> None:
+        ledger = self.peer._ledger
+        rows = {r: row for r, row in ledger.full_rows(list(payloads)).items()
+                if row.state == "announced"}
+        self.peer._store.rollback()
+        horizon = max(wall_ms(), self.engine.clock.last[0]) + self.peer.max_clock_skew_ms
+        good, held, refused = check_fetched(self.engine, rows, payloads, horizon)
+        self._refuse(refused)
+        if good or held:
+            ledger.fill_payloads([(r, FETCHED) for r in good] + [(r, QUARANTINED) for r in held])
+            ledger.audit_many([("fetch", r.id, "ok", 0.0, {}) for r in good]
+                              + [("quarantine", r.id, "quarantined", 0.0,
+                                  {"hlc": list(r.hlc), "horizon": horizon}) for r in held])
+            self.peer._store.commit()
+            self.engine.add_fetched(good, held)
+            self.report.fetched += len(good)
+            self.report.quarantined += [r.id for r in held]
+            for r in good:
+                self._emit("fetched", r.id)
+            for r in held:
+                self._emit("quarantined", r.id, hlc=list(r.hlc))
+        self.peer._admit_quarantined([r for r in good if r.kind != "data"])
+
+    def _on_ack(self, message: Message) -> None:
+        origin = self.engine.origin
+        for partition, vector in message.get("vectors", {}).items():
+            self.peer._mark_sent(partition, int(vector.get(origin, 0)))
+
+    # -- integration -----------------------------------------------------------------
+    def finish(self) -> None:
+        """Integrate what was fetched (unless the peer is pinned by a downgrade)."""
+        self.peer._release_quarantine()
+        if self.peer.pinned:
+            return
+        engine = self.engine
+        steps = self.peer._integrate()
+        undone = {s.revision for s in steps if s.action == "undo"}
+        for step in steps:
+            if step.action == "undo":
+                self.report.rolled_back.append(step.revision)
+                self._emit("rolled_back", step.revision)
+            elif step.action == "apply":
+                if step.revision in engine.conflicted:
+                    self.report.conflicted.append(step.revision)
+                    self._emit("conflicted", step.revision)
+                else:
+                    self._emit("applied", step.revision)
+                if step.revision not in undone:
+                    self.report.applied.append(step.revision)
+
+
+def exchange(local: Side, remote: Side, channel: Channel | None = None,
+             max_legs: int = 20) -> SyncResult:
+    """Run one exchange between two sides in this process; return both reports.
+
+    Messages are encoded to bytes for each leg (that is what is counted) and
+    passed through ``channel``; whatever arrives is handled. The exchange ends
+    when a leg carries nothing, then both sides integrate.
+    """
+    result = SyncResult(local.report, remote.report)
+    outgoing: list[Message] = [local.vector(first=True)]
+    sender, receiver = local, remote
+    legs = 0
+    while outgoing and legs < max_legs:
+        data = [encode(m) for m in outgoing]
+        size = sum(len(d) for d in data)
+        result.bytes += size
+        result.messages += len(data)
+        sender.report.bytes_sent += size
+        if sender is local:
+            result.round_trips += 1
+        arrived = channel(data) if channel is not None else data
+        receiver.report.bytes_received += sum(len(d) for d in arrived)
+        outgoing = receiver.handle(decode(d) for d in arrived)
+        sender, receiver = receiver, sender
+        legs += 1
+    local.finish()
+    remote.finish()
+    return result
