@@ -231,3 +231,25 @@ def test_audit_rows_have_every_field_and_are_never_updated(peer: Peer) -> None:
         assert entry.peer_id == "test" and entry.os_user and entry.outcome == "ok"
         assert entry.at.endswith("Z") and entry.duration_ms >= 0
         assert isinstance(entry.detail, dict)
+
+
+def test_first_write_after_open_does_not_reload_the_ledger(store_url: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening loads the graph once; taking a free lease afterwards must not load it again.
+
+    But when another process wrote in between, the next write sees its revision.
+    """
+    with Peer.open(store_url, peer_id="test") as first:
+        write(first, "one", lambda tx: tx.insert("items", {"_id": 1}))
+    with Peer.open(store_url) as peer:
+        loads = []
+        original = peer._engine.load
+        monkeypatch.setattr(peer._engine, "load", lambda: (loads.append(1), original())[1])
+        write(peer, "two", lambda tx: tx.insert("items", {"_id": 2}))
+        assert loads == []
+        with Peer.open(store_url) as other:
+            peer._ledger.release_lease()
+            three = write(other, "three", lambda tx: tx.insert("items", {"_id": 3}))
+        four = write(peer, "four", lambda tx: tx.insert("items", {"_id": 4}))
+        assert loads == [1]
+        assert peer.info(four).parents == (three,)

@@ -101,3 +101,9 @@ def test_write_set_is_derived_from_the_ops_in_first_touch_order() -> None:
 def test_op_from_json_refuses_malformed_ops(data, error, message) -> None:
     with pytest.raises(error, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
         op_from_json(data)
+
+
+def test_field_name_with_nul_is_refused_everywhere() -> None:
+    """MongoDB cannot store a NUL in a field name, so no store accepts one."""
+    with pytest.raises(InvalidInput, match="without '.', NUL or a leading"):
+        op_from_json({"op": "insert", "collection": "c", "doc": {"_id": 1, "a\x00b": 1}})

@@ -31,7 +31,8 @@ text = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=10)
 field_names = st.one_of(
     st.sampled_from(["a", "b", "n", "é", "\U0001f600k"]),
     text.filter(bool).map(lambda s: s[:5]),
-).filter(lambda s: not s.startswith("$") and "." not in s and s != "_id")
+# MongoDB refuses NUL in field names, so ops do everywhere (test_ops pins the refusal).
+).filter(lambda s: not s.startswith("$") and "." not in s and "\x00" not in s and s != "_id")
 nested_names = st.text(alphabet="abcxyzé\U0001f600 ", min_size=1, max_size=4)
 scalars = st.one_of(
     st.none(), st.booleans(),

@@ -136,6 +136,7 @@ class Engine:
             self._load()
 
     def _load(self) -> None:
+        self.ledger.observe_lease()
         self.graph = Graph()
         self.partition: dict[str, str] = {}
         self.messages: dict[str, str] = {}

@@ -214,6 +214,7 @@ class Ledger:
         self.peer_id = peer_id
         self.os_user = _os_user()
         self._lease_token: int | None = None
+        self.token_seen: int | None = None
         self._lease_expires = 0.0
         self.lease_seconds = 30.0
         ph = placeholder(conn)
@@ -492,6 +493,22 @@ class Ledger:
             return False
         return int(pid) != os.getpid() and _is_zombie(int(pid))
 
+    def observe_lease(self) -> None:
+        """Remember the lease as it stands while this process loads the ledger.
+
+        If no one holds it now, nothing can be written until it is taken
+        again, so taking it next with the same token means the loaded state is
+        still current (``acquire_lease`` returns False and the caller need not
+        reload). A lease held by someone else right now forces a reload.
+        """
+        row = self.conn.execute(sa.select(lock).where(lock.c.name == "apply")).first()
+        if row is None:
+            self.token_seen = 0
+        elif row.expires_at < time.time() or row.token == self._lease_token:
+            self.token_seen = row.token
+        else:
+            self.token_seen = None
+
     def acquire_lease(self, wait: float = 10.0) -> bool:
         """Take (or renew) the apply lease; return True when another holder had it since.
 
@@ -512,7 +529,7 @@ class Ledger:
                 token = 1
                 self.conn.execute(lock.insert().values(
                     name="apply", holder=holder, token=token, expires_at=now + self.lease_seconds))
-                changed = True
+                changed = self.token_seen != 0
             elif row.holder == holder and row.token == self._lease_token:
                 token = row.token
                 self.conn.execute(lock.update().where(
@@ -527,7 +544,7 @@ class Ledger:
                 if result.rowcount != 1:
                     self.conn.rollback()
                     continue
-                changed = True
+                changed = self.token_seen != row.token
             else:
                 self.conn.rollback()
                 if time.monotonic() > deadline:

@@ -43,10 +43,11 @@ def check_collection(name: Any) -> str:
 
 def _check_fields(fields: Any, what: str) -> None:
     for name in fields:
-        if not isinstance(name, str) or not name or name.startswith("$") or "." in name:
+        if (not isinstance(name, str) or not name or name.startswith("$") or "." in name
+                or "\x00" in name):
             raise InvalidInput(
                 f"field name {name!r} in {what} is not valid: top-level names only,"
-                " without '.' or a leading '$'"
+                " without '.', NUL or a leading '$'"
             )
         if name == "_id":
             raise InvalidInput(f"{what} cannot change _id: delete and insert instead")

@@ -81,6 +81,7 @@ class MongoLedger:
         self.peer_id = peer_id
         self.os_user = _os_user()
         self._lease_token: int | None = None
+        self.token_seen: int | None = None
         self._lease_expires = 0.0
         self.lease_seconds = 30.0
 
@@ -283,6 +284,16 @@ class MongoLedger:
     def _holder(self) -> str:
         return f"{self.peer_id}@{socket.gethostname()}:{os.getpid()}"
 
+    def observe_lease(self) -> None:
+        """As :meth:`Ledger.observe_lease`."""
+        row = self.db[LOCK].find_one({"_id": "apply"})
+        if row is None:
+            self.token_seen = 0
+        elif row["expires_at"] < time.time() or row["token"] == self._lease_token:
+            self.token_seen = int(row["token"])
+        else:
+            self.token_seen = None
+
     def acquire_lease(self, wait: float = 10.0) -> bool:
         """Take (or renew) the apply lease; return True when another holder had it since.
 
@@ -305,15 +316,16 @@ class MongoLedger:
                                      "expires_at": expires})
                 except DuplicateKeyError:
                     continue
-                token, changed = 1, True
+                token, changed, taken = 1, self.token_seen != 0, True
             elif row["holder"] == holder and row["token"] == self._lease_token:
-                token, changed = int(row["token"]), False
+                token, changed, taken = int(row["token"]), False, False
                 if lock.update_one({"_id": "apply", "token": token},
                                    {"$set": {"expires_at": expires}}).matched_count != 1:
                     continue
             elif row["expires_at"] < now or row["holder"] == holder \
                     or Ledger._holder_dead(row["holder"]):
-                token, changed = int(row["token"]) + 1, True
+                token, changed, taken = (int(row["token"]) + 1,
+                                         self.token_seen != row["token"], True)
                 if lock.update_one({"_id": "apply", "token": row["token"]}, {"$set": {
                         "holder": holder, "token": token,
                         "expires_at": expires}}).matched_count != 1:
@@ -326,9 +338,12 @@ class MongoLedger:
             self._lease_token = token
             self._lease_expires = expires
             self.store.fence = (LOCK, token)
-            if changed:
+            if taken:
+                # A new holder undoes what a crashed one left half-written; if it
+                # did, what this process loaded is stale.
                 self.store.rollback()
-                self.store.recover()
+                if self.store.recover():
+                    changed = True
             return changed
 
     def recover_on_open(self) -> None:
