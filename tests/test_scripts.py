@@ -50,7 +50,7 @@ ADA = data_revision([
 
 safe_ints = st.integers(min_value=-(2**53 - 1), max_value=2**53 - 1)
 field_names = st.text(min_size=1, max_size=8).filter(
-    lambda s: not s.startswith("$") and "." not in s and s != "_id")
+    lambda s: not s.startswith("$") and "." not in s and "\x00" not in s and s != "_id")
 oids = st.binary(min_size=12, max_size=12).map(lambda b: {"$oid": b.hex()})
 big_ints = st.integers(min_value=2**53 + 1, max_value=2**80).flatmap(
     lambda n: st.sampled_from([n, -n])).map(lambda n: {"$numberLong": str(n)})

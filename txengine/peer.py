@@ -10,7 +10,6 @@ import json
 import re
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,131 +26,23 @@ from .exceptions import (
     TxEngineError,
 )
 from .ledger import AuditEntry, Ledger, descriptor_from_row, payload_of
-from .ops import Delete, Insert, Op, Update, op_from_json
+from .ops import Delete, Op, Update, op_from_json
+from .results import (
+    Finding,
+    NewScript,
+    OperationResult,
+    RevisionDetail,
+    RevisionInfo,
+    Status,
+    VerifyReport,
+)
+from .revert import remap_expect, revert_ops
 from .revision import DEFAULT_PARTITION, Revision, check_descriptor, verify_bytes
 from .stores.sql import SqlStore, configure_engine, create_engine
 from .transaction import Transaction, build_data_revision
 from .values import from_ejson, key_text, sha256, to_ejson
 
 _PEER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
-
-
-@dataclass(frozen=True)
-class RevisionInfo:
-    """What the graph queries return about one revision (no payload)."""
-
-    id: str
-    parents: tuple[str, ...]
-    kind: str
-    message: str
-    partition: str
-    origin: str
-    hlc: tuple[int, int]
-    applied: bool
-    is_head: bool
-    branch_labels: tuple[str, ...] = ()
-    depends_on: tuple[str, ...] = ()
-
-    @property
-    def short_id(self) -> str:
-        return self.id[:12]
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["parents"] = list(self.parents)
-        out["hlc"] = list(self.hlc)
-        out["branch_labels"] = list(self.branch_labels)
-        out["depends_on"] = list(self.depends_on)
-        return out
-
-
-@dataclass(frozen=True)
-class RevisionDetail:
-    """One revision in full: descriptor, payload and rendered script."""
-
-    info: RevisionInfo
-    descriptor: dict[str, Any]
-    payload: bytes
-    script: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {**self.info.to_json(), "descriptor": self.descriptor, "script": self.script}
-
-
-@dataclass(frozen=True)
-class OperationResult:
-    """What an upgrade, downgrade or stamp did."""
-
-    action: str
-    applied: list[str] = field(default_factory=list)
-    undone: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem that ``verify`` found."""
-
-    revision: str | None
-    problem: str
-    collection: str | None = None
-    key: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """The findings of ``verify``; ``ok`` when there are none."""
-
-    checked: int
-    findings: list[Finding]
-
-    @property
-    def ok(self) -> bool:
-        return not self.findings
-
-    def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checked": self.checked,
-                "findings": [f.to_json() for f in self.findings]}
-
-
-@dataclass(frozen=True)
-class NewScript:
-    """An authored script revision written by ``new_script`` (``txengine revision``)."""
-
-    id: str
-    path: Path
-    parents: tuple[str, ...]
-    branch_labels: tuple[str, ...] = ()
-    depends_on: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "path": str(self.path), "parents": list(self.parents),
-                "branch_labels": list(self.branch_labels), "depends_on": list(self.depends_on)}
-
-
-@dataclass(frozen=True)
-class Status:
-    """The counts an app needs for its sync badge."""
-
-    peer: str
-    origin: str
-    unsent: int
-    """Revisions written here that no peer has acknowledged yet."""
-    announced: int
-    """Descriptors known whose payloads have not arrived."""
-    fetched: int
-    """Revisions held and checked but not integrated (yet)."""
-    conflicted: int
-    quarantined: int
-    pinned: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Peer:
@@ -550,7 +441,7 @@ class Peer:
         with self.transaction(message or f"Revert {rev.id[:12]}: {rev.message}",
                               rev.partition) as tx:
             for op in reversed(rev.ops):
-                for undo_op in _revert_ops(tx, rev.id, op, prior):
+                for undo_op in revert_ops(tx, rev.id, op, prior):
                     tx.add_op(undo_op)
         return self.info(tx.revision.id) if tx.revision else None
 
@@ -733,7 +624,7 @@ class Peer:
         for rev in revs:
             if rev.kind != "data":
                 continue
-            ops = [_remap_expect(op, mapping) for op in rev.ops]
+            ops = [remap_expect(op, mapping) for op in rev.ops]
             new = self._commit_ops(rev.message, rev.partition, ops, {})
             mapping[rev.id] = new.id
         return mapping
@@ -902,45 +793,3 @@ class Peer:
         return snap
 
 
-_MISSING = object()
-
-
-def _remap_expect(op: Op, mapping: dict[str, str]) -> Op:
-    """Point an op's ``expect`` at the re-issued id of the revision it named."""
-    expect = getattr(op, "expect", None)
-    if expect in mapping:
-        import dataclasses
-
-        return dataclasses.replace(op, expect=mapping[expect])  # type: ignore[type-var]
-    return op
-
-
-def _revert_ops(tx: Transaction, rev_id: str, op: Op, prior: dict[Any, Any]) -> list[Op]:
-    """Return compare-and-set ops that undo ``op`` of ``rev_id`` where it still holds."""
-    doc = tx.get(op.collection, from_ejson(op.key))
-    current = None if doc is None else to_ejson(doc)
-    k = (op.collection, key_text(op.key))
-    state_inc = tx._overlay.get((tx.partition, *k), (None, None))[1]
-    if isinstance(op, Insert):
-        if current is None or state_inc != rev_id:
-            return []
-        before = prior.get(k)
-        if before is not None:
-            return [Insert(op.collection, before)]
-        return [Delete(op.collection, op.key, expect=rev_id, before=current)]
-    if isinstance(op, Delete):
-        if current is not None or op.before is None:
-            return []
-        return [Insert(op.collection, op.before)]
-    if current is None:
-        return []
-    before = op.before or {}
-    set_ = {f: before[f] for f in op.set if f in before and current.get(f, _MISSING) == op.set[f]}
-    unset = [f for f in op.set if f not in before and current.get(f, _MISSING) == op.set[f]]
-    set_.update({f: before[f] for f in op.unset if f in before and f not in current})
-    inc = {f: to_ejson(-from_ejson(v)) for f, v in op.inc.items()}
-    if not (set_ or unset or inc):
-        return []
-    touched = [*set_, *unset, *inc]
-    return [Update(op.collection, op.key, set=set_, unset=tuple(unset), inc=inc,
-                   expect=state_inc, before={f: current[f] for f in touched if f in current})]
