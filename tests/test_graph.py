@@ -155,8 +155,8 @@ def test_barrier_moves_its_ancestry_ahead_of_earlier_open_revisions() -> None:
     """
     graph = _graph(("a",), ("x", "a"), ("s", "a"), ("y", "s"), s={"kind": "script"})
     assert graph.canonical_order() == ["a", "s", "x", "y"]
-    assert graph.sort_key("a") == (0, (1, 0), "p", "a")
-    assert graph.sort_key("x") == (1, (2, 0), "p", "x")
+    assert graph.sort_key("a") == (0, 1, 0, "p", "a")
+    assert graph.sort_key("x") == (1, 2, 0, "p", "x")
 
 
 def test_revision_belongs_to_the_first_barrier_holding_it() -> None:

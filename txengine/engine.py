@@ -339,7 +339,8 @@ class Engine:
             start = graph.sort_key(add[0])
             if any(graph.get(r).is_barrier for r in add):
                 return self._reordered(add, start)
-            if not self.applied or (graph.in_open_segment(add[0]) and start[1] > self.clock.last):
+            if not self.applied or (graph.in_open_segment(add[0])
+                                      and (start[1], start[2]) > self.clock.last):
                 return [Step("apply", r) for r in add]  # everything sorts after what is applied
             if not any(b in self.applied and graph.sort_key(b) > start
                        for b in graph.barriers()):
@@ -393,7 +394,7 @@ class Engine:
                         queued.add(rev)
                         heapq.heappush(heap, (s, rev))
 
-        push(list(dirty_from), start[1][0])
+        push(list(dirty_from), start[1])
         redo: list[str] = []
         while heap:
             s, r = heapq.heappop(heap)
@@ -405,7 +406,7 @@ class Engine:
             for k in fresh:
                 dirty_from[k] = s
             if fresh:
-                push(fresh, s[1][0])
+                push(fresh, s[1])
         self.store.rollback()
         return redo
 
