@@ -33,6 +33,7 @@ import sqlalchemy as sa
 
 from .exceptions import ConfigError, CycleDetected, MalformedPayload, MissingParent
 from .revision import DEFAULT_PARTITION, check_id
+from .scripts import read_header
 
 ORIGIN = "alembic:0"
 """The origin of adopted revisions: the same on every peer, so digests agree."""
@@ -95,24 +96,10 @@ def read_script(path: Path) -> AlembicScript | None:
         tree = ast.parse(path.read_text("utf-8"), filename=where)
     except SyntaxError as exc:
         raise MalformedPayload(f"{where}:{exc.lineno}: syntax error: {exc.msg}") from None
-    found: dict[str, Any] = {}
-    last = 0
-    for stmt in tree.body:
-        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
-            target, value = stmt.targets[0], stmt.value
-        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
-            target, value = stmt.target, stmt.value
-        else:
-            continue
-        if not isinstance(target, ast.Name) or target.id not in _HEADERS:
-            continue
-        try:
-            found[target.id] = ast.literal_eval(value)
-        except (ValueError, TypeError, SyntaxError, RecursionError):
-            raise MalformedPayload(f"{where}:{stmt.lineno}: header {target.id} must be a"
-                                   " literal") from None
-        if target.id != "txengine":
-            last = max(last, stmt.end_lineno or stmt.lineno)
+    header = read_header(tree, where, _HEADERS)
+    found = {name: value for name, (value, _first, _last) in header.items()}
+    last = max((end for name, (_v, _first, end) in header.items() if name != "txengine"),
+               default=0)
     if not isinstance(found.get("revision"), str):
         return None
     frozen = found.get("txengine")

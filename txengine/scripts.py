@@ -18,7 +18,7 @@ import importlib.resources
 import importlib.util
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -411,9 +411,14 @@ def render_authored(
     )
 
 
-def _authored_header(tree: ast.Module, path: str) -> dict[str, tuple[Any, int]]:
-    """Read the top-level header assignments as literals, executing nothing."""
-    found: dict[str, tuple[Any, int]] = {}
+def read_header(tree: ast.Module, path: str, names: Collection[str] = _AUTHORED_HEADERS
+                ) -> dict[str, tuple[Any, int, int]]:
+    """Read top-level header assignments as literals, executing nothing.
+
+    Returns ``{name: (value, first line, last line)}``; also used to adopt
+    Alembic migrations, whose headers are the same assignments.
+    """
+    found: dict[str, tuple[Any, int, int]] = {}
     for stmt in tree.body:
         if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
             target, value = stmt.targets[0], stmt.value
@@ -421,12 +426,13 @@ def _authored_header(tree: ast.Module, path: str) -> dict[str, tuple[Any, int]]:
             target, value = stmt.target, stmt.value
         else:
             continue
-        if not isinstance(target, ast.Name) or target.id not in _AUTHORED_HEADERS:
+        if not isinstance(target, ast.Name) or target.id not in names:
             continue
         if target.id in found:
             raise MalformedPayload(f"{path}:{stmt.lineno}: header {target.id} is assigned twice")
         try:
-            found[target.id] = (ast.literal_eval(value), stmt.lineno)
+            found[target.id] = (ast.literal_eval(value), stmt.lineno,
+                                stmt.end_lineno or stmt.lineno)
         except (ValueError, TypeError, SyntaxError, RecursionError):
             raise MalformedPayload(f"{path}:{stmt.lineno}: header {target.id} must be a literal:"
                                    f" {_describe(value)}") from None
@@ -465,13 +471,13 @@ def load_authored(path: Path) -> AuthoredScript:
     if DATA_MARKER in text.splitlines():
         raise MalformedPayload(f"{where}: is a rendered data revision; read it with load_data")
     tree = _parse(text, where)
-    header = _authored_header(tree, where)
+    header = read_header(tree, where)
     for name in ("revision", "txengine"):
         if name not in header:
             raise MalformedPayload(f"{where}: script revision has no {name} = ... header")
-    refs = {name: _header_ids(*header.get(name, (None, 1)), name, where)
+    refs = {name: _header_ids(*header.get(name, (None, 1, 1))[:2], name, where)
             for name in ("down_revision", "branch_labels", "depends_on")}
-    frozen = _frozen(*header["txengine"], where)
+    frozen = _frozen(*header["txengine"][:2], where)
     if "depends_on" in frozen:
         refs["depends_on"] = _header_ids(frozen["depends_on"], header["txengine"][1],
                                          "txengine depends_on", where)
