@@ -15,7 +15,6 @@ import functools
 import getpass
 import json
 import os
-import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .exceptions import LockTimeout, StaleLease
+from .lease import LeaseHolder
 from .ops import write_set
 from .revision import Revision
 from .stores.sql import placeholder, raw_cursor
@@ -206,7 +206,7 @@ class Applied:
 
 
 
-class Ledger:
+class Ledger(LeaseHolder):
     """Reads and writes the ledger tables on one SQLAlchemy connection."""
 
     def __init__(self, conn: sa.Connection, peer_id: str) -> None:
@@ -476,23 +476,6 @@ class Ledger:
             self.conn.execute(state.update().where(state.c.name == name).values(value=value))
 
     # -- the apply lease -----------------------------------------------------
-    def _holder(self) -> str:
-        return f"{self.peer_id}@{socket.gethostname()}:{os.getpid()}"
-
-    @staticmethod
-    def _holder_dead(holder: str) -> bool:
-        """Tell whether a holder on this host is a process that no longer runs."""
-        host, _, pid = holder.rpartition("@")[2].rpartition(":")
-        if host != socket.gethostname() or not pid.isdigit():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return int(pid) != os.getpid() and _is_zombie(int(pid))
-
     def observe_lease(self) -> None:
         """Remember the lease as it stands while this process loads the ledger.
 
@@ -572,20 +555,9 @@ class Ledger:
         if result.rowcount != 1:
             self.conn.rollback()
             self._lease_token = None
-            raise StaleLease(
-                "the apply lease expired and another process took it: this operation stopped"
-                " at a batch boundary; run the command again to finish it"
-            )
+            raise self._lost()
         self.conn.commit()
         self._lease_expires = now + self.lease_seconds
-
-    def check_lease(self) -> None:
-        """Raise StaleLease when this process's lease has run out."""
-        if self._lease_token is None or time.time() >= self._lease_expires:
-            raise StaleLease(
-                "the apply lease expired before this write: another process may have written;"
-                " retry the command"
-            )
 
     def release_lease(self) -> None:
         """Give the lease back so another process need not wait for its expiry."""
@@ -598,11 +570,3 @@ class Ledger:
             self.conn.commit()
         finally:
             self._lease_token = None
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1].startswith("Z")
-    except (OSError, IndexError):
-        return False

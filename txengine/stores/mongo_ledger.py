@@ -13,8 +13,6 @@ written at once, by compare-and-set on its fencing token.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -23,12 +21,12 @@ from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError
 
 from ..exceptions import LockTimeout, StaleLease
+from ..lease import LeaseHolder
 from ..ledger import (
     ANNOUNCED,
     FETCHED,
     Applied,
     AuditEntry,
-    Ledger,
     _os_user,
     _row_type,
     descriptor_from_row,
@@ -72,7 +70,7 @@ def _values(doc: dict[str, Any], names: Sequence[str]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-class MongoLedger:
+class MongoLedger(LeaseHolder):
     """Reads and writes the ledger collections of one MongoDB database."""
 
     def __init__(self, store: MongoStore, peer_id: str) -> None:
@@ -281,9 +279,6 @@ class MongoLedger:
         self.store.stage(STATE, ("replace", name, {"_id": name, "value": value}))
 
     # -- the apply lease -------------------------------------------------------------
-    def _holder(self) -> str:
-        return f"{self.peer_id}@{socket.gethostname()}:{os.getpid()}"
-
     def observe_lease(self) -> None:
         """As :meth:`Ledger.observe_lease`."""
         row = self.db[LOCK].find_one({"_id": "apply"})
@@ -323,7 +318,7 @@ class MongoLedger:
                                    {"$set": {"expires_at": expires}}).matched_count != 1:
                     continue
             elif row["expires_at"] < now or row["holder"] == holder \
-                    or Ledger._holder_dead(row["holder"]):
+                    or self._holder_dead(row["holder"]):
                 token, changed, taken = (int(row["token"]) + 1,
                                          self.token_seen != row["token"], True)
                 if lock.update_one({"_id": "apply", "token": row["token"]}, {"$set": {
@@ -367,18 +362,8 @@ class MongoLedger:
         if found.matched_count != 1:
             self._lease_token = None
             self.store.fence = None
-            raise StaleLease(
-                "the apply lease expired and another process took it: this operation stopped"
-                " at a batch boundary; run the command again to finish it"
-            )
+            raise self._lost()
         self._lease_expires = now + self.lease_seconds
-
-    def check_lease(self) -> None:
-        if self._lease_token is None or time.time() >= self._lease_expires:
-            raise StaleLease(
-                "the apply lease expired before this write: another process may have written;"
-                " retry the command"
-            )
 
     def release_lease(self) -> None:
         if self._lease_token is None:
