@@ -558,6 +558,89 @@ def sync(other: str, other_peer_id: str | None) -> Output:
     return Output([result], lines, single=True)
 
 
+@cli.group()
+def bundle() -> None:
+    """Move revisions through a file (USB stick, message queue): create, apply.
+
+    A bundle is JSON Lines: a header, descriptors, then payloads. See
+    docs/bundles.md.
+    """
+
+
+@bundle.command("create")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--since", "vector_file", type=click.Path(exists=True, dir_okay=False),
+              help="The other side's version vector (from `bundle vector`, or a bundle it"
+                   " made): write only what it lacks (default: everything).")
+@click.option("--partition", help="Only this partition (default: all).")
+@output_options
+def bundle_create(file: str, vector_file: str | None, partition: str | None) -> Output:
+    """Write the revisions the other side lacks to the bundle FILE."""
+    info = open_peer().bundle_create(file, since=vector_file, partition=partition)
+    def lines(i: Any) -> list[str]:
+        partitions = ", ".join(i.partitions) or "no partitions"
+        return [f"wrote {i.revisions} revisions ({partitions}) to {i.path}, {i.bytes} bytes"]
+
+    return Output([info], lines, single=True)
+
+
+@bundle.command("apply")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--partition", help="Refuse the bundle unless it holds only this partition.")
+@output_options
+def bundle_apply(file: str, partition: str | None) -> Output:
+    """Check the bundle FILE whole, then take and integrate its revisions.
+
+    A truncated or tampered bundle is refused with nothing applied; applying
+    a bundle again changes nothing.
+    """
+    peer = open_peer()
+    result = _run_with_progress("applying", lambda p: peer.bundle_apply(file, partition, p))
+
+    def lines(r: Any) -> list[str]:
+        refused = [f"refused {x.revision[:12]}: {x.reason}" for x in r.report.refused]
+        return [f"{r.revisions} revisions in {r.source}: received {r.report.fetched},"
+                f" applied {len(r.report.applied)}, rolled back {len(r.report.rolled_back)},"
+                f" conflicted {len(r.report.conflicted)}, quarantined"
+                f" {len(r.report.quarantined)}", *refused]
+
+    return Output([result], lines, single=True)
+
+
+@bundle.command("vector")
+@click.argument("file", type=click.Path(dir_okay=False))
+@output_options
+def bundle_vector(file: str) -> Output:
+    """Write this peer's version vector to FILE, for the other side's --since."""
+    message = open_peer().bundle_vector(file)
+    return Output([message], lambda m: [f"wrote the vector of {m['peer']} to {file}"],
+                  single=True)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--partition", help="Clone only this partition (default: all).")
+@click.option("--source-peer-id", help="The source store's peer id (default: the one it holds).")
+@output_options
+def clone(source: str, partition: str | None, source_peer_id: str | None) -> Output:
+    """Bootstrap this peer on an empty store (--store) by replay of the store at SOURCE."""
+    ctx = click.get_current_context()
+    state = ctx.ensure_object(State)
+    cfg = state.config()
+    url = cfg.require_store()
+    peer = _run_with_progress("cloning", lambda p: Peer.clone(
+        source, url, state.peer_id or cfg.peer_id, partition=partition,
+        source_peer_id=source_peer_id, progress=p))
+    state.peer = peer
+    ctx.find_root().call_on_close(state.close_peer)
+    result = {"source": source, "store": url, "peer": peer.peer_id,
+              "revisions": len(peer.history()), "heads": [h.id for h in peer.heads()]}
+    return Output([result], lambda r: [
+        f"cloned {r['revisions']} revisions from {r['source']} into {r['store']} as peer"
+        f" {r['peer']}", f"heads: {', '.join(h[:12] for h in r['heads']) or 'none'}"],
+        single=True)
+
+
 @cli.command()
 @click.argument("collection")
 @click.argument("key")
@@ -661,6 +744,11 @@ def render_docs() -> str:
         sub = click.Context(command, info_name=name, parent=root, terminal_width=88,
                             max_content_width=88)
         sections.append((f"txengine {name}", sub.get_help()))
+        if isinstance(command, click.Group):
+            for sub_name in sorted(command.commands):
+                leaf = click.Context(command.commands[sub_name], info_name=sub_name,
+                                     parent=sub, terminal_width=88, max_content_width=88)
+                sections.append((f"txengine {name} {sub_name}", leaf.get_help()))
     for title, text in sections:
         out += [f"## {title}", "", "```text", text, "```", ""]
     return "\n".join(out)

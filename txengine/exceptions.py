@@ -17,6 +17,15 @@ class InvalidInput(TxEngineError, ValueError):
     """Input that txengine refuses before it changes anything."""
 
 
+class BundleError(InvalidInput):
+    """A bundle file is truncated, malformed or does not fit the request; nothing applied."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"bundle {path}: {reason}; nothing was applied")
+
+
 class MalformedPayload(InvalidInput):
     """A payload or descriptor that is not the JSON txengine expects."""
 

@@ -481,6 +481,80 @@ class Peer:
         other._take_lease()
         return exchange(Side(self, batch_size, events), Side(other, batch_size, events), channel)
 
+    def bundle_create(self, path: str | Path, since: str | Path | dict[str, Any] | None = None,
+                      partition: str | None = None, batch_size: int = 500) -> Any:
+        """Write the revisions the other side lacks to a bundle file (JSON Lines).
+
+        ``since`` is the other side's version vector (a file: a vector, or a
+        bundle it made; or the dict :func:`txengine.transport.bundle.read_vector`
+        returns); without it, every revision. ``partition`` limits the bundle
+        to one partition. Returns a :class:`~txengine.transport.bundle.BundleInfo`.
+        """
+        from .sync import Side
+        from .transport import bundle
+
+        vector = bundle.read_vector(since) if isinstance(since, (str, Path)) else since
+        header, messages = bundle.outgoing(Side(self, batch_size), vector, partition)
+        size = bundle.write(path, header, messages)
+        return bundle.BundleInfo(str(path), header["descriptors"], tuple(header["partitions"]),
+                                 size)
+
+    def bundle_vector(self, path: str | Path) -> Any:
+        """Write this peer's version vector to ``path``, for the other side's ``--since``."""
+        from .sync import Side, encode
+
+        message = Side(self).vector()
+        Path(path).write_bytes(encode(message) + b"\n")
+        return message
+
+    def bundle_apply(self, path: str | Path, partition: str | None = None,
+                     progress: ProgressCallback | None = None, events: Any = None) -> Any:
+        """Apply a bundle: check it whole, then announce, fetch and integrate its revisions.
+
+        A truncated or tampered bundle (or one holding partitions other than
+        ``partition``) is refused before the first write; applying a bundle
+        twice changes nothing the second time. Returns a
+        :class:`~txengine.transport.bundle.BundleReport`.
+        """
+        from .sync import Side
+        from .transport import bundle
+
+        self._take_lease()
+        return bundle.run(Side(self, events=events), path, partition, progress)
+
+    @classmethod
+    def clone(cls, source: str | Any, store: str | Any, peer_id: str | None = None, *,
+              partition: str | None = None, source_peer_id: str | None = None,
+              progress: ProgressCallback | None = None, batch_size: int = 500) -> Peer:
+        """Bootstrap a new peer on the empty ``store`` by replay of ``source``'s revisions.
+
+        The source's revisions (those of ``partition`` only, when given) go
+        through the same messages as a sync — descriptors, then payloads —
+        and are integrated in canonical order; the source learns they were
+        sent. Returns the new, open peer (close it).
+        """
+        from .sync import Side
+        from .transport import bundle
+
+        new = cls.open(store, peer_id)
+        try:
+            if len(new._engine.graph):
+                raise InvalidInput(f"store {store!r} already holds {len(new._engine.graph)}"
+                                   " revisions: clone needs an empty store")
+            with cls.open(source, source_peer_id) as origin:
+                sender = Side(origin, batch_size)
+                header, messages = bundle.outgoing(sender, None, partition)
+                new._take_lease()
+                receiver = Side(new, batch_size)
+                bundle.apply(receiver, header, messages, str(source), progress)
+                ack = receiver.vector()
+                ack["type"] = "ack"
+                sender.handle([ack])
+        except BaseException:
+            new.close()
+            raise
+        return new
+
     def status(self) -> Status:
         """Return the sync badge counts: unsent, announced, fetched, conflicted, quarantined."""
         engine = self._engine
