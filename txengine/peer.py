@@ -336,7 +336,8 @@ class Peer:
         planner = {"upgrade": self._engine.plan_upgrade,
                    "downgrade": self._engine.plan_downgrade,
                    "stamp": self._engine.plan_stamp}[action]
-        return planner(target)
+        with paused_gc():  # planning walks and sorts the whole graph
+            return planner(target)
 
     def _execute(self, action: str, target: str, progress: ProgressCallback | None,
                  steps: list[Step] | None = None) -> OperationResult:
