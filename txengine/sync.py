@@ -155,11 +155,11 @@ class Side:
         for message in messages:
             kind = message.get("type")
             if kind == "vector":
-                out += self._on_vector(message)
+                out += self.answer_vector(message)
             elif kind == "descriptors":
                 out += self._on_descriptors(message)
             elif kind == "want":
-                out += self._on_want(message)
+                out += self.answer_want(message)
             elif kind == "payloads":
                 for rev_id, text in message.get("items", []):
                     payloads[str(rev_id)] = str(text).encode("utf-8")
@@ -176,7 +176,8 @@ class Side:
             out.append(ack)
         return out
 
-    def _on_vector(self, message: Message) -> list[Message]:
+    def answer_vector(self, message: Message) -> list[Message]:
+        """Answer the other side's version vectors with the descriptors it lacks."""
         self.other = str(message.get("peer"))
         vectors: dict[str, dict[str, int]] = message.get("vectors", {})
         tips: dict[str, dict[str, str]] = message.get("tips", {})
@@ -259,7 +260,8 @@ class Side:
             self._emit("refused", r.revision, reason=r.reason)
 
     # -- payloads ------------------------------------------------------------------
-    def _on_want(self, message: Message) -> list[Message]:
+    def answer_want(self, message: Message) -> list[Message]:
+        """Answer a list of wanted ids with their payloads, in batches."""
         ids = [str(i) for i in message.get("ids", []) if str(i) in self.engine.graph]
         out = []
         for i in range(0, len(ids), self.batch_size):

@@ -101,7 +101,7 @@ def outgoing(side: Side, since: dict[str, Any] | None = None,
     to a ``want`` of every one of them, in batches.
     """
     since = since or {"vectors": {}, "tips": {}}
-    replies = side._on_vector({"type": "vector", "peer": None, "vectors": since["vectors"],
+    replies = side.answer_vector({"type": "vector", "peer": None, "vectors": since["vectors"],
                                "tips": since.get("tips", {}), "first": False})
     if any(m["type"] == "have" for m in replies):
         raise InvalidInput("the vector holds revisions of this peer's origin that this store"
@@ -110,7 +110,7 @@ def outgoing(side: Side, since: dict[str, Any] | None = None,
              if partition is None or d["partition"] == partition]
     messages: list[Message] = [{"type": "descriptors", "items": items}] if items else []
     if items:
-        messages += side._on_want({"type": "want", "ids": [d["id"] for d in items]})
+        messages += side.answer_want({"type": "want", "ids": [d["id"] for d in items]})
     mine = side.vector()
     partitions = [partition] if partition else sorted({d["partition"] for d in items})
     header = {"type": "bundle", "format": FORMAT, "version": VERSION, "peer": mine["peer"],
