@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -133,3 +135,24 @@ def replayed_snapshot(source: Peer, url: str, ids: list[str] | None = None) -> d
         fresh.receive(ledger_items(source, ids))
         fresh.upgrade("heads")
         return fresh.snapshot()
+
+
+def write(peer: Peer, key: Any, partition: str = "default", **fields: Any) -> str:
+    """Insert one item as its own revision; a short sleep keeps hlc milliseconds apart."""
+    with peer.transaction(f"write {key}", partition=partition) as tx:
+        tx.insert("items", {"_id": key, **fields})
+    time.sleep(0.002)
+    assert tx.revision is not None
+    return tx.revision.id
+
+
+@pytest.fixture
+def pair(store_url: str, new_store: Any) -> Iterator[tuple[Peer, Peer]]:
+    """Two empty peers, alice on the backend under test and bob on another store."""
+    a = Peer.open(store_url, peer_id="alice")
+    b = Peer.open(new_store(), peer_id="bob")
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()

@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import write
 
 from txengine.cli import cli
 from txengine.engine import Progress
 from txengine.exceptions import ChecksumMismatch
 from txengine.peer import Peer
 from txengine.transport.bundle import BundleError
-
-
-def write(peer: Peer, key, partition: str = "default", **fields) -> str:
-    with peer.transaction(f"write {key}", partition=partition) as tx:
-        tx.insert("items", {"_id": key, **fields})
-    time.sleep(0.002)
-    return tx.revision.id
-
-
-@pytest.fixture
-def pair(store_url: str, new_store) -> Iterator[tuple[Peer, Peer]]:
-    a = Peer.open(store_url, peer_id="alice")
-    b = Peer.open(new_store(), peer_id="bob")
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
 
 
 def counts(peer: Peer) -> tuple[int, int]:

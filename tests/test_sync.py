@@ -6,34 +6,15 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ledger_items
+from conftest import ledger_items, write
 
 from txengine.ops import Insert
 from txengine.peer import Peer
 from txengine.revision import build, encode_ops
 from txengine.sync import Side, SyncEvent, decode, encode
-
-
-def write(peer: Peer, key, partition: str = "default", **fields) -> str:
-    with peer.transaction(f"write {key}", partition=partition) as tx:
-        tx.insert("items", {"_id": key, **fields})
-    time.sleep(0.002)
-    return tx.revision.id
-
-
-@pytest.fixture
-def pair(store_url: str, new_store) -> Iterator[tuple[Peer, Peer]]:
-    a = Peer.open(store_url, peer_id="alice")
-    b = Peer.open(new_store(), peer_id="bob")
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
 
 
 def only(kinds: set[str]):
