@@ -33,7 +33,7 @@ import sqlalchemy as sa
 
 from .exceptions import ConfigError, CycleDetected, MalformedPayload, MissingParent
 from .revision import DEFAULT_PARTITION, check_id
-from .scripts import read_header
+from .scripts import header_ids, read_header
 
 ORIGIN = "alembic:0"
 """The origin of adopted revisions: the same on every peer, so digests agree."""
@@ -78,17 +78,6 @@ def versions_dir(directory: str | Path) -> Path:
     return root
 
 
-def _ids(value: Any, name: str, where: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise MalformedPayload(f"{where}: header {name} must be None, a string or a tuple of"
-                           f" strings, got {value!r}")
-
-
 def read_script(path: Path) -> AlembicScript | None:
     """Read one file's Alembic header with ``ast``; None when it has no ``revision``."""
     where = str(path)
@@ -103,11 +92,11 @@ def read_script(path: Path) -> AlembicScript | None:
     if not isinstance(found.get("revision"), str):
         return None
     frozen = found.get("txengine")
+    ids = {name: header_ids(*header.get(name, (None, 1, 1))[:2], name, where)
+           for name in ("down_revision", "branch_labels", "depends_on")}
     return AlembicScript(
-        path, check_id(found["revision"]), _ids(found.get("down_revision"), "down_revision", where),
-        _ids(found.get("branch_labels"), "branch_labels", where),
-        _ids(found.get("depends_on"), "depends_on", where),
-        frozen if isinstance(frozen, dict) else None, last,
+        path, check_id(found["revision"]), ids["down_revision"], ids["branch_labels"],
+        ids["depends_on"], frozen if isinstance(frozen, dict) else None, last,
     )
 
 

@@ -274,7 +274,7 @@ def _parse(text: str, path: str) -> ast.Module:
         raise NonLiteralScript(path, exc.lineno or 1, f"syntax error: {exc.msg}") from exc
 
 
-def _header_ids(value: Any, line: int, name: str, path: str) -> tuple[str, ...]:
+def header_ids(value: Any, line: int, name: str, path: str) -> tuple[str, ...]:
     """Normalize an Alembic-style id header (None, a string, a tuple or list) to a tuple."""
     if value is None:
         return ()
@@ -298,7 +298,7 @@ def _data_header(found: dict[str, ast.Assign], descriptor: dict[str, Any], path:
                 value = ast.literal_eval(node.value)
             except (ValueError, TypeError, SyntaxError, RecursionError):
                 raise _refuse(path, node.value, _describe(node.value)) from None
-            if _header_ids(value, node.lineno, name, path) != tuple(want or ()):
+            if header_ids(value, node.lineno, name, path) != tuple(want or ()):
                 raise _refuse(path, node, f"header {name} does not match the descriptor")
 
 
@@ -475,11 +475,11 @@ def load_authored(path: Path) -> AuthoredScript:
     for name in ("revision", "txengine"):
         if name not in header:
             raise MalformedPayload(f"{where}: script revision has no {name} = ... header")
-    refs = {name: _header_ids(*header.get(name, (None, 1, 1))[:2], name, where)
+    refs = {name: header_ids(*header.get(name, (None, 1, 1))[:2], name, where)
             for name in ("down_revision", "branch_labels", "depends_on")}
     frozen = _frozen(*header["txengine"][:2], where)
     if "depends_on" in frozen:
-        refs["depends_on"] = _header_ids(frozen["depends_on"], header["txengine"][1],
+        refs["depends_on"] = header_ids(frozen["depends_on"], header["txengine"][1],
                                          "txengine depends_on", where)
     doc = (ast.get_docstring(tree) or "").strip()
     try:
