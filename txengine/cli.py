@@ -258,6 +258,7 @@ class ProgressBar:
             self._bar = click.progressbar(length=progress.total, label=self.label,
                                           file=self.file)
             self._bar.__enter__()
+        self._bar.length = progress.total  # a sync's total grows when more descriptors arrive
         self._bar.update(progress.done - self._done)
         self._done = progress.done
 
@@ -538,24 +539,117 @@ def status() -> Output:
     return Output([result], lines, single=True)
 
 
+def _sync_lines(r: Any) -> list[str]:
+    refused = [f"refused {x.revision[:12]}: {x.reason}" for x in r.local.refused]
+    refused += [f"the other side refused {x.revision[:12]}: {x.reason}" for x in r.remote.refused]
+    return [f"received {r.local.fetched}, sent {r.local.sent}, applied"
+            f" {len(r.local.applied)}, rolled back {len(r.local.rolled_back)}, conflicted"
+            f" {len(r.local.conflicted)}, quarantined {len(r.local.quarantined)}"
+            f" ({r.round_trips} round trips, {r.bytes} bytes)", *refused]
+
+
 @cli.command()
 @click.argument("other")
 @click.option("--other-peer-id", help="The other store's peer id (default: the one it holds).")
+@click.option("--token", envvar="TXENGINE_TOKEN", show_envvar=True,
+              help="The token for a sync server (OTHER is http[s]://host:port).")
+@click.option("--watch", is_flag=True, help="With a sync server: keep syncing after each local"
+              " write and every --interval seconds, until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="With --watch: seconds between syncs while nothing is written here.")
+@click.option("--max-rounds", type=click.IntRange(min=1),
+              help="With --watch: stop after this many successful syncs.")
 @output_options
-def sync(other: str, other_peer_id: str | None) -> Output:
-    """Exchange revisions both ways with the store at URL OTHER, in this process."""
+def sync(other: str, other_peer_id: str | None, token: str | None, watch: bool,
+         interval: float, max_rounds: int | None) -> Output:
+    """Exchange revisions both ways with OTHER: a store URL (in this process) or a sync
+    server, http://host:port (`txengine serve`)."""
     peer = open_peer()
+    if other.startswith(("http://", "https://")):
+        if watch:
+            return Output(_watching(peer.watch(other, token=token, interval=interval,
+                                               max_rounds=max_rounds)), _watch_lines)
+        result = _run_with_progress("sync", lambda bar: peer.sync(other, token=token,
+                                                                  progress=bar))
+        return Output([result], _sync_lines, single=True)
+    if watch:
+        raise click.UsageError("--watch needs a sync server URL (http://host:port)")
     with Peer.open(other, other_peer_id) as remote:
-        result = peer.sync(remote)
+        result = _run_with_progress("sync", lambda bar: peer.sync(remote, progress=bar))
+    return Output([result], _sync_lines, single=True)
 
-    def lines(r: Any) -> list[str]:
-        refused = [f"refused {x.revision[:12]}: {x.reason}" for x in r.local.refused]
-        return [f"received {r.local.fetched}, sent {r.local.sent}, applied"
-                f" {len(r.local.applied)}, rolled back {len(r.local.rolled_back)}, conflicted"
-                f" {len(r.local.conflicted)}, quarantined {len(r.local.quarantined)}"
-                f" ({r.round_trips} round trips, {r.bytes} bytes)", *refused]
 
-    return Output([result], lines, single=True)
+def _watching(events: Iterator[Any]) -> Iterator[Any]:
+    """Stop cleanly on Ctrl-C (between two committed steps; the lease is given back)."""
+    try:
+        yield from events
+    except KeyboardInterrupt:
+        return
+
+
+def _watch_lines(event: Any) -> list[str]:
+    if event.kind == "synced":
+        return _sync_lines(event.result)
+    return [f"{event.error}; retrying in {event.retry_in:.1f}s"]
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=int, default=8800, show_default=True, help="Port to listen on.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Server processes (they share the store through its apply lease).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              help="uvicorn's log level.")
+def serve(host: str, port: int, workers: int, log_level: str) -> None:
+    """Serve the store to other peers over HTTP (the sync protocol, docs/protocol.md).
+
+    Every request needs a token from `txengine peers add NAME`.
+    """
+    from .transport.server import serve as run
+
+    state = click.get_current_context().ensure_object(State)
+    peer = open_peer()  # fail here, not in each worker, on a bad store
+    peer_id, holders = peer.peer_id, peer.peers_list()
+    state.close_peer()
+    if not holders:
+        click.echo("warning: no peer holds a token yet, so every request will be refused:"
+                   " run `txengine peers add NAME`", err=True)
+    run(state.config().require_store(), peer_id, host, port, workers, log_level)
+
+
+@cli.group()
+def peers() -> None:
+    """Manage who may sync with this store over HTTP: add, list, remove tokens."""
+
+
+@peers.command("add")
+@click.argument("name")
+@output_options
+def peers_add(name: str) -> Output:
+    """Let peer NAME sync with this store; print its token (once: only a hash is kept)."""
+    return Output([open_peer().peers_add(name)], lambda c: [c.token], single=True)
+
+
+@peers.command("list")
+@output_options
+def peers_list() -> Output:
+    """List the peers that hold a token for this store."""
+    import datetime as _dt
+
+    def lines(c: Any) -> list[str]:
+        when = _dt.datetime.fromtimestamp(c.created_at, _dt.UTC).isoformat(timespec="seconds")
+        return [f"{c.name}  (added {when})"]
+
+    return Output(open_peer().peers_list(), lines, empty="no peer holds a token")
+
+
+@peers.command("remove")
+@click.argument("name")
+def peers_remove(name: str) -> None:
+    """Revoke peer NAME's token: its next request is refused."""
+    open_peer().peers_remove(name)
+    click.echo(f"removed {name}")
 
 
 @cli.group()
@@ -621,8 +715,12 @@ def bundle_vector(file: str) -> Output:
 @click.argument("source")
 @click.option("--partition", help="Clone only this partition (default: all).")
 @click.option("--source-peer-id", help="The source store's peer id (default: the one it holds).")
+@click.option("--checkpoint", "from_checkpoint", is_flag=True,
+              help="Start from the source's newest checkpoint (its snapshot) and replay only"
+                   " what follows.")
 @output_options
-def clone(source: str, partition: str | None, source_peer_id: str | None) -> Output:
+def clone(source: str, partition: str | None, source_peer_id: str | None,
+          from_checkpoint: bool) -> Output:
     """Bootstrap this peer on an empty store (--store) by replay of the store at SOURCE."""
     ctx = click.get_current_context()
     state = ctx.ensure_object(State)
@@ -630,7 +728,7 @@ def clone(source: str, partition: str | None, source_peer_id: str | None) -> Out
     url = cfg.require_store()
     peer = _run_with_progress("cloning", lambda p: Peer.clone(
         source, url, state.peer_id or cfg.peer_id, partition=partition,
-        source_peer_id=source_peer_id, progress=p))
+        source_peer_id=source_peer_id, progress=p, from_checkpoint=from_checkpoint))
     state.peer = peer
     ctx.find_root().call_on_close(state.close_peer)
     result = {"source": source, "store": url, "peer": peer.peer_id,
@@ -639,6 +737,33 @@ def clone(source: str, partition: str | None, source_peer_id: str | None) -> Out
         f"cloned {r['revisions']} revisions from {r['source']} into {r['store']} as peer"
         f" {r['peer']}", f"heads: {', '.join(h[:12] for h in r['heads']) or 'none'}"],
         single=True)
+
+
+@cli.command()
+@click.option("--partition", help="One partition (default: every partition, combined).")
+@output_options
+def digest(partition: str | None) -> Output:
+    """Print the content digest of this peer's data: equal on peers holding equal data."""
+    value = open_peer().content_digest(partition)
+    result = {"partition": partition, "digest": value}
+    return Output([result], lambda r: [r["digest"]], single=True)
+
+
+@cli.command()
+@partition_option
+@click.option("-m", "--message", default="checkpoint", show_default=True,
+              help="The checkpoint revision's message.")
+@output_options
+def checkpoint(partition: str, message: str) -> Output:
+    """Issue a checkpoint of a partition (its sequencer only), for clone --checkpoint.
+
+    The checkpoint records the content digest, the version vector of its
+    ancestry and the policy in force; see docs/checkpoints.md.
+    """
+    info = open_peer().checkpoint(partition, message)
+    return Output([info], lambda i: [
+        f"checkpoint {i.id} of partition {i.partition}: {i.documents} documents, digest"
+        f" {i.digest}"], single=True)
 
 
 @cli.command()
@@ -704,7 +829,12 @@ def export(directory: str) -> Output:
               help="Folder to run in (default: a new temporary folder, kept afterwards).")
 @output_options
 def demo(directory: str | None) -> Output:
-    """Run the whole cycle on SQLite in a fresh folder, explaining each step."""
+    """Run the whole cycle in a fresh folder, explaining each step.
+
+    One peer on SQLite first; then a device (SQLite) and a cloud peer write
+    offline, collide on one document, sync and converge. The cloud is a
+    MongoDB database when TXENGINE_DEMO_MONGODB_URI names a server, else SQLite.
+    """
     from .demo import Event, run_demo
 
     def lines(event: Event) -> Iterator[str]:

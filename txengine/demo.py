@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import secrets
 import shlex
 import sqlite3
 import tempfile
@@ -18,10 +20,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from . import config as _config
 from .exceptions import InvalidInput
 from .peer import Peer
+from .sync import Message, Side
+
+MONGODB_ENV = "TXENGINE_DEMO_MONGODB_URI"
+"""Set it (``mongodb://host:27017``) and the demo's cloud peer is a MongoDB database."""
 
 SCHEMA_SCRIPT = '''
 
@@ -117,6 +124,7 @@ def run_demo(directory: Path | None = None) -> Iterator[Event]:
             yield _cmd("upgrade", "heads")
             yield from _results("operation", [peer.upgrade("heads")])
         yield from _data_cycle(root, peer, cfg)
+    yield from _two_peers(root)
     yield _section("Done")
     yield _say(f"The whole cycle took {time.perf_counter() - started:.1f}s. Explore it:"
                f" cd {shlex.quote(str(root))} && txengine history")
@@ -201,3 +209,106 @@ def _data_cycle(root: Path, peer: Peer, cfg: _config.Config) -> Iterator[Event]:
     yield Event("result", "verify", report)
     yield _say(f"verify exits with status {0 if report.ok else 1} and names revision"
                f" {first.id[:12]}.")
+
+
+def _cloud_store(folder: Path) -> tuple[str, str, str]:
+    """Return (store URL, what to type for it, what it is): a new MongoDB database when
+    the environment names a server, else a second SQLite file."""
+    uri = os.environ.get(MONGODB_ENV)
+    if not uri:
+        return f"sqlite:///{folder / 'cloud.db'}", "cloud.db", "second SQLite file, cloud.db"
+    name = f"txengine_demo_{secrets.token_hex(4)}"
+    url = urlunsplit(urlsplit(uri)._replace(path=f"/{name}"))
+    return url, url, f"MongoDB database, {name} (from ${MONGODB_ENV}; drop it when done)"
+
+
+def _status_line(peer: Peer) -> str:
+    st = peer.status()
+    return (f"{peer.peer_id}: {st.announced} announced (data pending), {st.fetched} fetched,"
+            f" {st.unsent} unsent, {st.conflicted} conflicted")
+
+
+def _two_peers(root: Path) -> Iterator[Event]:
+    """A device and the cloud write offline, one edit collides, sync, converge, audit."""
+    yield _section("11. Two peers, offline")
+    folder = root / "peers"
+    folder.mkdir()
+    cloud_url, cloud_arg, cloud_name = _cloud_store(folder)
+    yield _say("Peers are equal: a device with embedded SQLite (device.db) and the cloud,"
+               f" here a {cloud_name}. They live in peers/, away from the project's"
+               " alembic.ini. The cloud holds the customers; the device syncs once.")
+    yield Event("command", "cd peers")
+    with Peer.open(f"sqlite:///{folder / 'device.db'}", "device") as device, \
+            Peer.open(cloud_url, "cloud") as cloud:
+        cloud.write("Add Ada and Grace", [
+            {"op": "insert", "collection": "customers", "doc": {"_id": 1, "name": "Ada"}},
+            {"op": "insert", "collection": "customers", "doc": {"_id": 2, "name": "Grace"}}])
+        yield _cmd("--store", "device.db", "--peer-id", "device", "sync", cloud_arg)
+        device.sync(cloud)
+        yield _say("Then both write offline. On the device, Grace closes her account and"
+                   " Ada places an order; in the cloud, support fixes Grace's e-mail (the"
+                   " same document, concurrently) and adds Linus.")
+        for message, ops in (
+                ("Grace leaves", [{"op": "delete", "collection": "customers", "key": 2}]),
+                ("First order for Ada", [{"op": "insert", "collection": "orders",
+                                        "doc": {"_id": 1, "customer": 1}}])):
+            yield _write_cmd("device.db", message, ops)
+            device.write(message, ops)
+        time.sleep(0.002)  # the cloud's edit comes a moment later: it sorts after the delete
+        for message, ops in (
+                ("Fix Grace e-mail", [{"op": "update", "collection": "customers", "key": 2,
+                                     "set": {"email": "grace@example.com"}}]),
+                ("Add Linus", [{"op": "insert", "collection": "customers",
+                                "doc": {"_id": 3, "name": "Linus"}}])):
+            yield _write_cmd(cloud_arg, message, ops)
+            cloud.write(message, ops)
+        yield _cmd("--store", "device.db", "status")
+        yield _say(_status_line(device))
+
+        yield _section("12. Sync: descriptors first, then payloads")
+        yield _say("The exchange is JSON messages (txengine.sync.Side), here driven by hand:"
+                   " version vectors, then each side's missing descriptors — recorded as"
+                   " announced, so an app can show \"2 updates pending\" at once — then the"
+                   " payloads, checked against the descriptors, then integration in canonical"
+                   " order on both peers.")
+        yield from _exchange(Side(device), Side(cloud), device)
+
+        yield _section("13. Converged")
+        equal = device.snapshot() == cloud.snapshot()
+        yield _say(f"data equal on device and cloud: {equal}")
+        for name, peer in (("device.db", device), (cloud_arg, cloud)):
+            yield _cmd("--store", name, "find", "customers")
+            yield from _results("document", peer.find("customers"))
+
+        yield _section("14. The conflict, in the audit")
+        yield _say("Delete wins: the e-mail fix came after Grace's delete, found no document,"
+                   " and was recorded as a conflict with both values, the same way on both"
+                   " peers. The revision is marked conflicted; nothing was silently lost.")
+        [entry] = [e for e in device.audit() if e.action == "conflict"]
+        assert entry.revision is not None
+        yield _cmd("--store", "device.db", "audit", "--rev", entry.revision[:12])
+        yield from _results("audit", [entry])
+
+
+def _write_cmd(store: str, message: str, ops: list[dict[str, Any]]) -> Event:
+    return Event("command", f"echo {shlex.quote(json.dumps(ops))} | txengine --store"
+                            f" {shlex.quote(store)} write -m {shlex.quote(message)} -")
+
+
+def _exchange(local: Side, remote: Side, device: Peer) -> Iterator[Event]:
+    """Pass messages between two sides until neither has more; show the device's counts
+    once the descriptors have arrived and again at the end."""
+    outgoing: list[Message] = [local.vector(first=True)]
+    sender, receiver = local, remote
+    shown = False
+    while outgoing:
+        kinds = ", ".join(sorted({m["type"] for m in outgoing}))
+        yield _say(f"{sender.peer.peer_id} -> {receiver.peer.peer_id}: {kinds}")
+        outgoing = receiver.handle(outgoing)
+        sender, receiver = receiver, sender
+        if not shown and device.status().announced:
+            yield _say(_status_line(device))
+            shown = True
+    local.finish()
+    remote.finish()
+    yield _say("both integrated: " + _status_line(device))

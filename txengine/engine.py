@@ -35,6 +35,7 @@ from .intake import check_batch
 from .ledger import (
     ANNOUNCED,
     APPLIED,
+    BASE,
     CONFLICTED,
     FETCHED,
     INTEGRATED,
@@ -145,6 +146,10 @@ class Engine:
         self.held = SeqIndex()
         self.conflicted: set[str] = set()
         self.quarantined: dict[str, Node] = {}
+        self.stubs: dict[str, Node] = {}
+        """Descriptors held by a checkpoint's vector, without payload (txengine.checkpoint)."""
+        self.bases: dict[str, dict[str, Any]] = loads(self.ledger.get_state("bases") or "{}")
+        """Per partition, the checkpoint this peer started from: id, vector, config."""
         self._configs: dict[str, dict[str, Any]] = {}
         add, hold = self.graph.add, self.held.add
         partition, messages, applied = self.partition, self.messages, self.applied
@@ -154,6 +159,9 @@ class Engine:
                 continue
             node = Node(rev_id, _id_tuple(parents), _id_tuple(depends_on), (ms, counter),
                         origin, kind, _id_tuple(labels))
+            if st == BASE:
+                self.stubs[rev_id] = node
+                continue
             hold(part, origin, seq, rev_id)
             if st == QUARANTINED:
                 self.quarantined[rev_id] = node
@@ -169,11 +177,14 @@ class Engine:
                 self.clock.absorb(node.hlc)
             elif origin == self.origin:
                 self.clock.absorb(node.hlc)
+        for part, base in self.bases.items():
+            for origin, seq in base["vector"].items():
+                self.held.raise_floor(part, origin, seq)
         self.next_position = max(self.applied.values(), default=0) + 1
         self.seqs = self.ledger.max_seq(self.origin)
         self.applied_heads: dict[str, set[str]] = defaultdict(set)
         for rev_id in self.applied:
-            if not any(c in self.applied for c in self.graph.children(rev_id)):
+            if not self.graph.any_child_in(rev_id, self.applied):
                 self.applied_heads[self.partition[rev_id]].add(rev_id)
         self.store.rollback()
 
@@ -184,13 +195,27 @@ class Engine:
         heads.difference_update(self.graph.get(rev_id).parents)
         self.clock.absorb(self.graph.get(rev_id).hlc)
 
+    def _mark_applied_many(self, positions: dict[str, int]) -> None:
+        """:meth:`_mark_applied` for a committed batch, in order, with the lookups bound once."""
+        applied, partition, get = self.applied, self.partition, self.graph.get
+        all_heads = self.applied_heads
+        top = self.clock.last
+        for rev_id, position in positions.items():
+            applied[rev_id] = position
+            node = get(rev_id)
+            heads = all_heads[partition[rev_id]]
+            heads.add(rev_id)
+            heads.difference_update(node.parents)
+            if node.hlc > top:
+                top = node.hlc
+        self.clock.absorb(top)
+
     def _mark_unapplied(self, rev_id: str) -> None:
         del self.applied[rev_id]
         heads = self.applied_heads[self.partition[rev_id]]
         heads.discard(rev_id)
         for parent in self.graph.get(rev_id).parents:
-            if parent in self.applied and not any(
-                    c in self.applied for c in self.graph.children(parent)):
+            if parent in self.applied and not self.graph.any_child_in(parent, self.applied):
                 self.applied_heads[self.partition[parent]].add(parent)
 
     def next_seq(self, partition: str) -> int:
@@ -275,8 +300,10 @@ class Engine:
         graph = self.graph
         configs = [b for b in graph.barriers() if graph.get(b).kind == "config"
                    and self.partition.get(b) == partition]
+        base = self.bases.get(partition)
+        start = DEFAULT.merged(base["config"]) if base else DEFAULT
         if not configs:
-            return DEFAULT
+            return start
         if rev_id is not None and rev_id in graph:
             limit = graph.sort_key(rev_id)
             configs = [b for b in configs if graph.sort_key(b) < limit]
@@ -285,7 +312,7 @@ class Engine:
             rows = self.ledger.rows(missing, "payload")
             for b in missing:
                 self._configs[b] = decode_config(payload_of(rows[b]))
-        policy = DEFAULT
+        policy = start
         for b in configs:
             policy = policy.merged(self._configs[b])
         return policy
@@ -583,8 +610,8 @@ class Engine:
         for entry in applied:
             if entry.state == CONFLICTED:
                 self.conflicted.add(entry.id)
-        for rev_id, position in positions.items():
-            self._mark_applied(rev_id, position)
+        if positions:
+            self._mark_applied_many(positions)
         self.next_position += len(positions)
 
     def _verified(self, rev_id: str) -> Revision:
@@ -595,6 +622,8 @@ class Engine:
         return rev
 
     def _script(self, rev: Revision, direction: str) -> str | None:
+        if rev.kind == "checkpoint":
+            return None  # a checkpoint records the data; it changes nothing
         if self.run_script is None:
             raise UntrustedScript(
                 f"revision {rev.id} is a {rev.kind} revision and this peer has no script"
@@ -651,6 +680,11 @@ class Engine:
     # -- queries ---------------------------------------------------------------
     def is_integrated(self, rev_id: str) -> bool:
         return rev_id in self.applied
+
+    def covered(self, partition: str, origin: str, seq: int) -> bool:
+        """Say whether (origin, seq) lies within the partition's checkpoint base (by vector)."""
+        base = self.bases.get(partition)
+        return base is not None and seq <= base["vector"].get(origin, 0)
 
     def fetched(self) -> list[str]:
         """Return known revisions that are not applied, in canonical order."""

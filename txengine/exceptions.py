@@ -200,6 +200,21 @@ class DigestMismatch(IntegrityError):
         )
 
 
+class SnapshotMismatch(IntegrityError):
+    """A snapshot whose documents do not hash to its checkpoint's content digest."""
+
+    def __init__(self, path: str, checkpoint: str, expected: str, actual: str) -> None:
+        self.path = path
+        self.checkpoint = checkpoint
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"snapshot {path} does not match checkpoint {checkpoint[:12]}: its documents hash"
+            f" to {actual[:12]}, the checkpoint says {expected[:12]}; nothing was loaded,"
+            " fetch the snapshot again from the source"
+        )
+
+
 class IrreversibleRevision(TxEngineError):
     """A revision that cannot be undone (or reverted) as asked."""
 
@@ -259,3 +274,40 @@ class StoreError(TxEngineError):
 
 class ConfigError(TxEngineError):
     """A missing or invalid configuration (alembic.ini, --store, peer id)."""
+
+
+class CredentialNotFound(TxEngineError, LookupError):
+    """A peer name with no token on this store."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no peer {name!r} holds a token here: `txengine peers list` shows"
+                         " who does")
+
+
+class RemoteError(TxEngineError):
+    """A sync server refused a request; ``code`` is the server's stable error code."""
+
+    def __init__(self, url: str, status: int, code: str, message: str) -> None:
+        self.url = url
+        self.status = status
+        self.code = code
+        super().__init__(f"server {url} refused the request ({status} {code}): {message}")
+
+
+class Unauthorized(RemoteError):
+    """A sync server that does not accept the token sent (or none was sent)."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(url, 401, "unauthorized", f"{message}; pass the token `txengine peers"
+                         " add NAME` printed on the server (--token or TXENGINE_TOKEN)")
+
+
+class ServerUnreachable(TxEngineError):
+    """A sync server that did not answer, even after the retries."""
+
+    def __init__(self, url: str, attempts: int, reason: str) -> None:
+        self.url = url
+        self.attempts = attempts
+        super().__init__(f"server {url} did not answer after {attempts} attempts ({reason}):"
+                         " check that `txengine serve` runs there, then sync again")

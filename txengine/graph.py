@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from bisect import insort
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Container, Iterable, Iterator
 from dataclasses import dataclass
 
 from txengine.exceptions import (
@@ -182,6 +182,11 @@ class Graph:
         self.get(rev_id)
         return tuple(self.canonical_order(self._children.get(rev_id, ())))
 
+    def any_child_in(self, rev_id: str, ids: Container[str]) -> bool:
+        """Tell whether a child of ``rev_id`` is in ``ids``, without sorting the children
+        (the applied-heads bookkeeping asks this once per revision applied or undone)."""
+        return any(c in ids for c in self._children.get(rev_id, ()))
+
     def is_head(self, rev_id: str) -> bool:
         """Tell whether a revision has no children, in O(1)."""
         return rev_id in self._heads
@@ -293,16 +298,18 @@ class Graph:
 
     # -- validation ------------------------------------------------------
 
-    def validate(self) -> list[tuple[str, str]]:
+    def validate(self, outside: Container[str] = ()) -> list[tuple[str, str]]:
         """Report (rev_id, message) for missing parents, dependencies and labels, and cycles.
 
         Findings name the revision that holds the bad reference, so the fix
         is obvious; nothing is raised, so a loader can report them all at once.
+        ``outside`` holds ids known to exist though not in the graph (the
+        revisions before a checkpoint a peer started from).
         """
         findings: list[tuple[str, str]] = []
         for rid, node in self._nodes.items():
             for parent in node.parents:
-                if parent not in self._nodes:
+                if parent not in self._nodes and parent not in outside:
                     findings.append((rid, str(MissingParent(rid, parent))))
             for dep in node.depends_on:
                 if dep not in self._nodes:

@@ -10,11 +10,12 @@ make its cost follow the round trips, not the data.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import (
+    ChecksumMismatch,
     CycleDetected,
     DigestMismatch,
     ForkedRevision,
@@ -23,6 +24,7 @@ from .exceptions import (
     UntrustedScript,
 )
 from .revision import Revision, check_descriptor, verify_bytes
+from .values import sha256
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -50,14 +52,20 @@ def check_batch(engine: Engine, items: Sequence[tuple[dict[str, Any], bytes]],
     return order
 
 
-def _check_one(d: dict[str, Any], payload: bytes, trusted: bool) -> Revision:
+def _check_one(d: dict[str, Any], payload: bytes, trusted: bool,
+               digest_checked: bool = False) -> Revision:
     rev = Revision(d, payload)
     if rev.kind != "data" and not trusted:
         raise UntrustedScript(
             f"revision {rev.id[:12]} is {rev.kind} code from another peer and is not"
             " signed by the sequencer: refused; nothing was changed"
         )
-    verify_bytes(d, payload)
+    if digest_checked:
+        actual = sha256(payload)
+        if actual != d["checksum"]:
+            raise ChecksumMismatch(rev.id, d["checksum"], actual)
+    else:
+        verify_bytes(d, payload)
     if rev.kind == "data":
         derived = sorted({op.collection for op in rev.ops})
         if derived != d["collections"]:
@@ -86,8 +94,8 @@ def _check_known(engine: Engine, batch: dict[str, Revision]) -> dict[str, Revisi
         if slot is not None and slot[0] != rev.id:
             raise ForkedRevision(f"(origin {d['origin']}, seq {d['seq']})", slot[1],
                                  d["digest"])
-        if row is None:
-            new[rev.id] = rev
+        if row is None and not engine.covered(rev.partition, d["origin"], d["seq"]):
+            new[rev.id] = rev  # within a checkpoint's vector: held already
     return new
 
 
@@ -99,6 +107,8 @@ def _check_parents(engine: Engine, new: dict[str, Revision]) -> None:
                 hlc = new[parent].hlc
             elif parent in engine.graph:
                 hlc = engine.graph.get(parent).hlc
+            elif parent in engine.stubs:
+                hlc = engine.stubs[parent].hlc
             else:
                 raise MissingParent(rev.id, parent)
             if tuple(rev.hlc) <= tuple(hlc):
@@ -156,8 +166,8 @@ def _peer_of(origin: str) -> str:
 def _hlc_problem(engine: Engine, d: dict[str, Any], extra: dict[str, Any]) -> str | None:
     """Return why ``d``'s hlc is not above a known parent's, or None."""
     for parent in [*d["parents"], *d["depends_on"]]:
-        node = engine.graph.get(parent) if parent in engine.graph else engine.quarantined.get(
-            parent)
+        node = engine.graph.get(parent) if parent in engine.graph else (
+            engine.quarantined.get(parent) or engine.stubs.get(parent))
         hlc = tuple(node.hlc) if node is not None else (
             tuple(extra[parent]["hlc"]) if parent in extra else None)
         if hlc is not None and tuple(d["hlc"]) <= hlc:
@@ -213,6 +223,8 @@ def check_announced(engine: Engine, descriptors: Sequence[Any],
                 refused.append(Refusal(rev_id, str(ForkedRevision(
                     f"revision {rev_id[:12]}", row.digest, d["digest"])), d["origin"]))
             continue
+        if engine.covered(d["partition"], d["origin"], d["seq"]):
+            continue  # held by a checkpoint's vector, like a known revision
         if rev_id in fresh:
             if fresh[rev_id]["digest"] != d["digest"]:
                 refused.append(Refusal(rev_id, "two descriptors with one id: refused", d["origin"]))
@@ -243,29 +255,30 @@ def check_announced(engine: Engine, descriptors: Sequence[Any],
     return list(fresh.values()), refused
 
 
-def check_fetched(engine: Engine, rows: dict[str, Any], payloads: dict[str, bytes],
-                  horizon_ms: int) -> tuple[list[Revision], list[Revision], list[Refusal]]:
+def check_fetched(engine: Engine, announced: dict[str, dict[str, Any]],
+                  payloads: dict[str, bytes], horizon_ms: int, digest_checked: Container[str] = ()
+                  ) -> tuple[list[Revision], list[Revision], list[Refusal]]:
     """Check arrived payloads against their announced descriptors, each on its own.
 
     Return (fetched, quarantined, refused). A payload whose parent is still
     missing stays announced (neither fetched nor refused): the parent may
     come in a later batch. A revision whose physical time is beyond
     ``horizon_ms`` is quarantined; barriers, which only the sequencer issues,
-    are exempt.
+    are exempt. ``digest_checked`` names descriptors whose digest the caller
+    checked itself (sync, when it announced them in the same exchange): their
+    payload is checked against the checksum only, which the digest covers.
     """
     from .exceptions import TxEngineError
-    from .ledger import descriptor_from_row
     from .policy import decode_config
 
     candidates: list[Revision] = []
     refused: list[Refusal] = []
     for rev_id, payload in payloads.items():
-        row = rows.get(rev_id)
-        if row is None:
+        d = announced.get(rev_id)
+        if d is None:
             continue
-        d = descriptor_from_row(row)
         try:
-            rev = _check_one(d, payload, trusted=True)
+            rev = _check_one(d, payload, trusted=True, digest_checked=rev_id in digest_checked)
             if rev.kind == "config":
                 decode_config(payload)
             candidates.append(rev)
@@ -274,16 +287,17 @@ def check_fetched(engine: Engine, rows: dict[str, Any], payloads: dict[str, byte
     candidates.sort(key=lambda r: (r.hlc, r.descriptor["origin"], r.id))
     good: dict[str, Revision] = {}
     held: dict[str, Revision] = {}
+    taken: dict[str, dict[str, Any]] = {}  # descriptors of good and held, for the hlc check
     for rev in candidates:
         d = rev.descriptor
         waiting = False
         for parent in [*d["parents"], *d["depends_on"]]:
             if parent not in engine.graph and parent not in good and parent not in held \
-                    and parent not in engine.quarantined:
+                    and parent not in engine.quarantined and parent not in engine.stubs:
                 waiting = True
         if waiting:
             continue
-        problem = _hlc_problem(engine, d, {r: g.descriptor for r, g in {**good, **held}.items()})
+        problem = _hlc_problem(engine, d, taken)
         if problem is not None:
             refused.append(Refusal(rev.id, problem, d["origin"]))
             continue
@@ -292,4 +306,5 @@ def check_fetched(engine: Engine, rows: dict[str, Any], payloads: dict[str, byte
             held[rev.id] = rev
         else:
             good[rev.id] = rev
+        taken[rev.id] = d
     return list(good.values()), list(held.values()), refused

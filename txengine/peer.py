@@ -6,6 +6,7 @@ a ``progress`` callback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -25,7 +26,7 @@ from .exceptions import (
     StoreError,
     TxEngineError,
 )
-from .ledger import AuditEntry, Ledger, descriptor_from_row, payload_of
+from .ledger import BASE, AuditEntry, Ledger, descriptor_from_row, payload_of
 from .ops import Delete, Op, Update, op_from_json
 from .results import (
     Finding,
@@ -37,7 +38,7 @@ from .results import (
     VerifyReport,
 )
 from .revert import remap_expect, revert_ops
-from .revision import DEFAULT_PARTITION, Revision, check_descriptor, verify_bytes
+from .revision import DEFAULT_PARTITION, Revision, check_descriptor, check_digest, verify_bytes
 from .stores.sql import SqlStore, configure_engine, create_engine
 from .transaction import Transaction, build_data_revision
 from .values import from_ejson, key_text, sha256, to_ejson
@@ -464,9 +465,18 @@ class Peer:
         return self.receive(items)
 
     # -- sync ---------------------------------------------------------------------
-    def sync(self, other: Peer, *, channel: Any = None, events: Any = None,
-             batch_size: int = 500) -> Any:
+    def sync(self, other: Peer | str, *, token: str | None = None, channel: Any = None,
+             events: Any = None, batch_size: int = 500,
+             progress: ProgressCallback | None = None) -> Any:
         """Exchange revisions with ``other`` in this process, both ways, and integrate.
+
+        ``other`` may also be the URL of a sync server (``http(s)://host:port``,
+        ``txengine serve``), reached with ``token``: the same exchange over
+        HTTP, with retries (see :mod:`txengine.transport.client`).
+
+        ``progress`` receives this peer's ``Progress("fetch", done, total)``:
+        the total is the payloads it asked for after the descriptors arrived,
+        and ``done == total`` comes only once they are integrated.
 
         Version vectors first, then descriptors (recorded as announced), then
         payloads in batches (checked, fetched), then integration in canonical
@@ -478,9 +488,87 @@ class Peer:
         """
         from .sync import Side, exchange
 
+        if isinstance(other, str):
+            from .transport import client
+
+            if not other.startswith(("http://", "https://")):
+                raise InvalidInput(f"{other!r} is not a sync server URL (http:// or https://):"
+                                   " open another store with Peer.open and pass the Peer")
+            return client.sync(self, other, token, batch_size=batch_size, events=events,
+                               progress=progress)
         self._take_lease()
         other._take_lease()
-        return exchange(Side(self, batch_size, events), Side(other, batch_size, events), channel)
+        return exchange(Side(self, batch_size, events, progress), Side(other, batch_size, events),
+                        channel)
+
+    def watch(self, url: str, *, token: str | None = None, interval: float = 30.0,
+              max_rounds: int | None = None, stop: Any = None, batch_size: int = 500
+              ) -> Iterator[Any]:
+        """Keep syncing with the server at ``url``: after each local write and on an interval.
+
+        What a device's background task runs. Yields a
+        :class:`~txengine.transport.client.WatchEvent` per round; backs off
+        while the server is unreachable (see :func:`txengine.transport.client.watch`).
+        """
+        from .transport import client
+
+        return client.watch(self, url, token, interval=interval, max_rounds=max_rounds,
+                            stop=stop, batch_size=batch_size)
+
+    @contextlib.contextmanager
+    def leased(self) -> Iterator[Peer]:
+        """Hold the apply lease for one unit of work, then give it back.
+
+        Taking it reloads what other processes wrote since; giving it back lets
+        them write. Several server processes share one store this way, and a
+        background sync lets the app keep writing between rounds.
+        """
+        self._take_lease()
+        try:
+            yield self
+        finally:
+            self._ledger.release_lease()
+
+    def refresh(self) -> None:
+        """Reload what other processes wrote since this peer loaded, without taking the lease.
+
+        Costs one read of the lease row when nothing changed: its token moves
+        whenever a process takes the lease to write. A reader (a server
+        answering vectors and payload requests) need not hold the lease, and
+        by not taking it leaves the other processes' memory current.
+        """
+        if self._ledger.lease_token() != self._ledger.token_seen:
+            self._engine.load()
+            self._pinned = None
+
+    def lease_token(self) -> int:
+        """Return the apply lease's fencing token: it grows whenever a process takes the
+        lease (every write does), so polling it notices local writes cheaply."""
+        return int(self._ledger.lease_token())
+
+    # -- credentials ----------------------------------------------------------------
+    def credentials(self) -> Any:
+        """Return the :class:`~txengine.credentials.Credentials` of this store."""
+        from .credentials import Credentials
+
+        return Credentials(self._conn, None if self._conn is not None else self._store.db)
+
+    def peers_add(self, name: str) -> Any:
+        """Let peer ``name`` sync with this store over HTTP; return its token (shown once)."""
+        new = self.credentials().add(name)
+        self._ledger.audit("peers_add", None, detail={"name": name})
+        self._store.commit()
+        return new
+
+    def peers_list(self) -> list[Any]:
+        """Return the peers that hold a token for this store."""
+        return list(self.credentials().list())
+
+    def peers_remove(self, name: str) -> None:
+        """Revoke peer ``name``'s token: its next request is refused."""
+        self.credentials().remove(name)
+        self._ledger.audit("peers_remove", None, detail={"name": name})
+        self._store.commit()
 
     def bundle_create(self, path: str | Path, since: str | Path | dict[str, Any] | None = None,
                       partition: str | None = None, batch_size: int = 500) -> Any:
@@ -526,13 +614,18 @@ class Peer:
     @classmethod
     def clone(cls, source: str | Any, store: str | Any, peer_id: str | None = None, *,
               partition: str | None = None, source_peer_id: str | None = None,
-              progress: ProgressCallback | None = None, batch_size: int = 500) -> Peer:
+              progress: ProgressCallback | None = None, batch_size: int = 2000,
+              from_checkpoint: bool = False) -> Peer:
         """Bootstrap a new peer on the empty ``store`` by replay of ``source``'s revisions.
 
         The source's revisions (those of ``partition`` only, when given) go
         through the same messages as a sync — descriptors, then payloads —
         and are integrated in canonical order; the source learns they were
-        sent. Returns the new, open peer (close it).
+        sent. With ``from_checkpoint``, each partition starts from the
+        source's newest checkpoint instead: its snapshot is loaded (checked
+        against the checkpoint's digest) and only what follows is replayed
+        (see :mod:`txengine.checkpoint`). Payloads move ``batch_size`` a message,
+        each batch one commit. Returns the new, open peer (close it).
         """
         from .sync import Side
         from .transport import bundle
@@ -543,8 +636,14 @@ class Peer:
                 raise InvalidInput(f"store {store!r} already holds {len(new._engine.graph)}"
                                    " revisions: clone needs an empty store")
             with cls.open(source, source_peer_id) as origin:
+                since = None
+                if from_checkpoint:
+                    from .checkpoint import bootstrap_from
+
+                    bootstrap_from(origin, new, partition, progress)
+                    since = Side(new).vector()
                 sender = Side(origin, batch_size)
-                header, messages = bundle.outgoing(sender, None, partition)
+                header, messages = bundle.outgoing(sender, since, partition)
                 new._take_lease()
                 receiver = Side(new, batch_size)
                 bundle.apply(receiver, header, messages, str(source), progress)
@@ -713,13 +812,16 @@ class Peer:
             checked += 1
             d = descriptor_from_row(row)
             try:
+                if row.state == BASE:  # held by a checkpoint's vector: a descriptor alone
+                    check_digest(d)
+                    continue
                 verify_bytes(d, payload_of(row))
                 if d["kind"] == "data":
                     Revision(d, payload_of(row)).ops  # noqa: B018 - parse to check
             except TxEngineError as exc:
                 findings.append(Finding(row.id, str(exc)))
         self._store.rollback()
-        for rev_id, problem in self._engine.graph.validate():
+        for rev_id, problem in self._engine.graph.validate(self._engine.stubs):
             findings.append(Finding(rev_id, problem))
         findings += self._verify_scripts()
         if replay:
@@ -866,5 +968,45 @@ class Peer:
         snap = self._store.snapshot()
         self._store.rollback()
         return snap
+
+    # -- checkpoints ------------------------------------------------------------------
+    def content_digest(self, partition: str | None = None) -> str:
+        """Return the content digest of one partition's data, or of every partition's.
+
+        Equal on every peer holding the same documents, whatever the arrival
+        order and the store kind (see :mod:`txengine.digest`).
+        """
+        from .digest import content_digest
+
+        engine = self._engine
+        partitions = partition if partition is not None else sorted(
+            set(engine.partition.values()) | set(engine.bases))
+        try:
+            return content_digest(self._store, partitions)
+        finally:
+            self._store.rollback()
+
+    def checkpoint(self, partition: str = DEFAULT_PARTITION, message: str = "checkpoint"
+                   ) -> Any:
+        """Issue a checkpoint of ``partition`` (its sequencer only): a barrier whose payload
+        holds the content digest, the version vector of its ancestry and the policy in force.
+
+        Returns a :class:`~txengine.checkpoint.CheckpointInfo`.
+        """
+        from .checkpoint import issue
+
+        return issue(self, partition, message)
+
+    def write_snapshot(self, checkpoint: str, path: str | Path,
+                       progress: ProgressCallback | None = None) -> Any:
+        """Write the snapshot of a checkpoint (its partition's documents then) to ``path``.
+
+        Rebuilt from the live data and the undo records of what came after it,
+        and checked against the checkpoint's digest before the file appears.
+        Returns a :class:`~txengine.snapshot.SnapshotInfo`.
+        """
+        from .checkpoint import write_snapshot
+
+        return write_snapshot(self, checkpoint, path, progress)
 
 

@@ -122,11 +122,18 @@ def verify_bytes(descriptor: dict[str, Any], payload: bytes) -> None:
     actual = sha256(payload)
     if actual != descriptor.get("checksum"):
         raise ChecksumMismatch(rev_id, str(descriptor.get("checksum")), actual)
+    check_digest(descriptor)
+
+
+def check_digest(descriptor: dict[str, Any]) -> dict[str, Any]:
+    """Check a descriptor alone (its digest, and for data its id); return it or raise."""
+    rev_id = str(descriptor.get("id", "?"))
     digest = compute_digest(descriptor)
     if digest != descriptor.get("digest"):
         raise DigestMismatch(rev_id, str(descriptor.get("digest")), digest)
     if descriptor.get("kind") == "data" and rev_id != digest:
         raise DigestMismatch(rev_id, rev_id, digest)
+    return descriptor
 
 
 def check_descriptor(descriptor: Any) -> dict[str, Any]:

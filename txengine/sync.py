@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .clock import wall_ms
+from .engine import Progress, ProgressCallback
 from .intake import Refusal, check_announced, check_fetched
-from .ledger import FETCHED, QUARANTINED, descriptor_from_row, payload_of
+from .ledger import DESCRIPTOR_COLUMNS, FETCHED, QUARANTINED, descriptor_from_row, payload_of
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -120,16 +121,29 @@ def decode(data: bytes) -> Message:
 
 
 class Side:
-    """One peer's end of an exchange: takes messages, returns the replies."""
+    """One peer's end of an exchange: takes messages, returns the replies.
+
+    ``progress`` receives ``Progress("fetch", done, total)``: ``total`` counts
+    the payloads this side asked for (from the descriptors), ``done`` those
+    that arrived; ``done == total`` is reported only by :meth:`finish`, once
+    they are integrated.
+    """
 
     def __init__(self, peer: Peer, batch_size: int = 500,
-                 events: EventCallback | None = None) -> None:
+                 events: EventCallback | None = None,
+                 progress: ProgressCallback | None = None) -> None:
         self.peer = peer
         self.engine = peer._engine
         self.batch_size = batch_size
         self.events = events
+        self.progress = progress
         self.report = SyncReport(peer.peer_id)
         self.other: str | None = None
+        self._checked: dict[str, dict[str, Any]] = {}
+        """Descriptors this side announced in this exchange and still lacks payloads for:
+        checked (digest included) and at hand, so their payloads need no ledger read."""
+        self._wanted: set[str] = set()
+        self._arrived: set[str] = set()
 
     def _emit(self, kind: str, revision: str | None, **detail: Any) -> None:
         if self.events is not None:
@@ -145,8 +159,11 @@ class Side:
             vectors[partition] = vector
             tips[partition] = {o: (held.get(partition, o, s) or "")[:TIP]
                                for o, s in vector.items()}
-        return {"type": "vector", "peer": self.peer.peer_id, "origin": self.engine.origin,
-                "vectors": vectors, "tips": tips, "first": first}
+        message = {"type": "vector", "peer": self.peer.peer_id, "origin": self.engine.origin,
+                   "vectors": vectors, "tips": tips, "first": first}
+        if self.engine.bases:  # started from checkpoints: ask for the parents it lacks
+            message["bases"] = {p: b["checkpoint"] for p, b in self.engine.bases.items()}
+        return message
 
     def handle(self, messages: Iterable[Message]) -> list[Message]:
         """Handle one leg's messages, in arrival order; return the replies."""
@@ -191,10 +208,16 @@ class Side:
         for partition in sorted(held.partitions()):
             ids += [r for r in held.after(partition, vectors.get(partition, {})) if r in graph]
         if ids:
-            rows = self.peer._ledger.full_rows(ids)
+            rows = self.peer._ledger.rows(ids, *DESCRIPTOR_COLUMNS)
             self.peer._store.rollback()
             items = [descriptor_from_row(rows[r]) for r in graph.canonical_order(ids)]
-            out.append({"type": "descriptors", "items": items})
+            reply: Message = {"type": "descriptors", "items": items}
+            bases = message.get("bases")
+            if isinstance(bases, dict) and bases:
+                from .checkpoint import boundary
+
+                reply["parents"] = boundary(self.peer, items, bases)
+            out.append(reply)
         return out
 
     def _restored(self, vectors: dict[str, dict[str, int]], tips: dict[str, dict[str, str]]
@@ -230,6 +253,10 @@ class Side:
     # -- descriptors ---------------------------------------------------------------
     def _on_descriptors(self, message: Message) -> list[Message]:
         items = message.get("items", [])
+        if message.get("parents") and self.engine.bases:
+            from .checkpoint import record_parents
+
+            record_parents(self.peer, message["parents"])
         fresh, refused = check_announced(self.engine, items, self.peer._sequencer)
         ledger = self.peer._ledger
         self._refuse(refused)
@@ -239,12 +266,17 @@ class Side:
                                for d in fresh])
             self.peer._store.commit()
             self.report.announced += len(fresh)
+            self._checked.update((d["id"], d) for d in fresh)
             for d in fresh:
                 self._emit("announced", d["id"], origin=d["origin"])
-        wanted = [d["id"] for d in items if isinstance(d, dict)]
-        rows = ledger.rows([str(i) for i in wanted], "state")
+        listed = [str(d["id"]) for d in items if isinstance(d, dict) and "id" in d]
+        earlier = [i for i in listed if i not in self._checked]  # announced before, or known
+        rows = ledger.rows(earlier, "state") if earlier else {}
         self.peer._store.rollback()
-        want = [i for i in wanted if i in rows and rows[i].state == "announced"]
+        want = [i for i in listed if i in self._checked
+                or (i in rows and rows[i].state == "announced")]
+        self._wanted.update(want)
+        self._report_progress()
         return [{"type": "want", "ids": want}] if want else []
 
     def _refuse(self, refused: list[Refusal]) -> None:
@@ -274,12 +306,30 @@ class Side:
         return out
 
     def _on_payloads(self, payloads: dict[str, bytes]) -> None:
+        """Take a leg's payloads in hlc order, ``batch_size`` at a time.
+
+        Each batch commits and reports progress on its own. Parents sort before
+        their children, so a batch finds every parent of its revisions taken
+        by an earlier one, exactly as if the leg were checked whole.
+        """
+        announced = {r: self._checked[r] for r in payloads if r in self._checked}
+        earlier = [r for r in payloads if r not in announced]
+        if earlier:  # announced in an earlier exchange (or not at all): ask the ledger
+            rows = self.peer._ledger.rows(earlier, "state", *DESCRIPTOR_COLUMNS)
+            self.peer._store.rollback()
+            announced.update((r, descriptor_from_row(row)) for r, row in rows.items()
+                             if row.state == "announced")
+        order = sorted(announced, key=lambda r: (*announced[r]["hlc"], announced[r]["origin"], r))
+        for i in range(0, len(order), self.batch_size):
+            chunk = order[i:i + self.batch_size]
+            self._take_payloads({r: announced[r] for r in chunk}, {r: payloads[r] for r in chunk})
+
+    def _take_payloads(self, announced: dict[str, dict[str, Any]], payloads: dict[str, bytes]
+                       ) -> None:
         ledger = self.peer._ledger
-        rows = {r: row for r, row in ledger.full_rows(list(payloads)).items()
-                if row.state == "announced"}
-        self.peer._store.rollback()
         horizon = max(wall_ms(), self.engine.clock.last[0]) + self.peer.max_clock_skew_ms
-        good, held, refused = check_fetched(self.engine, rows, payloads, horizon)
+        good, held, refused = check_fetched(self.engine, announced, payloads, horizon,
+                                            self._checked)
         self._refuse(refused)
         if good or held:
             ledger.fill_payloads([(r, FETCHED) for r in good] + [(r, QUARANTINED) for r in held])
@@ -294,7 +344,18 @@ class Side:
                 self._emit("fetched", r.id)
             for r in held:
                 self._emit("quarantined", r.id, hlc=list(r.hlc))
+            for r in (*good, *held):
+                self._checked.pop(r.id, None)
+                if r.id in self._wanted:
+                    self._arrived.add(r.id)
+            self._report_progress()
         self.peer._admit_quarantined([r for r in good if r.kind != "data"])
+
+    def _report_progress(self, final: bool = False) -> None:
+        """Report what arrived of what was wanted; all of it only when ``final``."""
+        total, done = len(self._wanted), len(self._arrived)
+        if self.progress is not None and total and (final or done < total):
+            self.progress(Progress("fetch", done, total))
 
     def _on_ack(self, message: Message) -> None:
         origin = self.engine.origin
@@ -306,6 +367,7 @@ class Side:
         """Integrate what was fetched (unless the peer is pinned by a downgrade)."""
         self.peer._release_quarantine()
         if self.peer.pinned:
+            self._report_progress(final=True)
             return
         engine = self.engine
         steps = self.peer._integrate()
@@ -322,6 +384,7 @@ class Side:
                     self._emit("applied", step.revision)
                 if step.revision not in undone:
                     self.report.applied.append(step.revision)
+        self._report_progress(final=True)
 
 
 def exchange(local: Side, remote: Side, channel: Channel | None = None,

@@ -44,12 +44,28 @@ class SeqIndex:
         if seq <= self._contiguous[key]:
             self._contiguous[key] = seq - 1
 
+    def raise_floor(self, partition: str, origin: str, seq: int) -> None:
+        """Count seqs 1..``seq`` as held without their ids (a checkpoint's vector)."""
+        key = (partition, origin)
+        if seq > self._contiguous[key]:
+            ids = self._ids[key]
+            while seq + 1 in ids:
+                seq += 1
+            self._contiguous[key] = seq
+        self._max[key] = max(self._max[key], seq)
+
+    def origins(self, partition: str) -> list[str]:
+        """Return the origins of which this partition holds something."""
+        return sorted({o for (p, o) in self._contiguous if p == partition}
+                      | {o for (p, o), ids in self._ids.items() if p == partition and ids})
+
     def vector(self, partition: str) -> Vector:
         """Return this partition's version vector."""
         return {o: top for (p, o), top in self._contiguous.items() if p == partition and top}
 
     def partitions(self) -> set[str]:
-        return {p for (p, _o), ids in self._ids.items() if ids}
+        return {p for (p, _o), ids in self._ids.items() if ids} | {
+            p for (p, _o), top in self._contiguous.items() if top}
 
     def after(self, partition: str, vector: Vector) -> list[str]:
         """Return the ids of this partition above ``vector`` (what its owner lacks)."""

@@ -50,6 +50,11 @@ class Store(Protocol):
         """Return every document state of every synced collection (for tests and verify)."""
         ...
 
+    def ordered_states(self, partition: str, collection: str
+                       ) -> Iterator[tuple[str, dict[str, Any], str | None]]:
+        """Yield (key text, doc, incarnation) in key-text code-point order (content digests)."""
+        ...
+
     def collections(self) -> list[str]:
         """Return the names of the collections holding documents."""
         ...

@@ -435,6 +435,20 @@ class MongoStore:
                 out[(partition, collection, text_of(doc["_id"]))] = _state_of(doc)
         return out
 
+    def ordered_states(self, partition: str, collection: str
+                       ) -> Iterator[tuple[str, dict[str, Any], str | None]]:
+        """Yield (key text, doc, incarnation) of a partition's collection by key text.
+
+        BSON orders ``_id`` by type first, so the documents are sorted here by
+        key text (code points), as the SQL stores return them: one content
+        digest for every store kind. Holds the collection's states in memory.
+        """
+        name = collection_name(partition, collection)
+        states = [(text_of(d["_id"]), _state_of(d)) for d in self.db[name].find()]
+        states.sort(key=lambda s: s[0])
+        for text, (doc, inc) in states:
+            yield text, doc, inc
+
     def close(self) -> None:
         if self.client is not None:
             self.client.close()

@@ -339,6 +339,8 @@ class MongoLedger(LeaseHolder):
                 self.store.rollback()
                 if self.store.recover():
                     changed = True
+            if not changed:
+                self.token_seen = token  # still current: no one else wrote since we loaded
             return changed
 
     def recover_on_open(self) -> None:
@@ -364,6 +366,11 @@ class MongoLedger(LeaseHolder):
             self.store.fence = None
             raise self._lost()
         self._lease_expires = now + self.lease_seconds
+
+    def lease_token(self) -> int:
+        """Return the apply lease's fencing token (0 before the first holder)."""
+        row = self.db[LOCK].find_one({"_id": "apply"})
+        return 0 if row is None else int(row["token"])
 
     def release_lease(self) -> None:
         if self._lease_token is None:

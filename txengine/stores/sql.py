@@ -308,6 +308,30 @@ class SqlStore:
                 out[(partition, name, key)] = (self._decode(doc), inc)
         return out
 
+    def ordered_states(self, partition: str, collection: str
+                       ) -> Iterator[tuple[str, dict[str, Any], str | None]]:
+        """Yield (key text, doc, incarnation) of a partition's collection by key text.
+
+        Code-point order (SQLite's BINARY collation, PostgreSQL's ``"C"``), the
+        order Python sorts strings in, so a content digest is the same on every
+        store kind; streamed, so a million documents never sit in memory.
+        """
+        table = self.resolve(collection, create=False)
+        if table is None:
+            return
+        if isinstance(table, DeclaredTable):
+            rows = sorted((r for r in self._declared_rows(table) if r[0] == partition),
+                          key=lambda r: r[1])
+            for _partition, text, doc, inc in rows:
+                yield text, doc, inc
+            return
+        order = 'ORDER BY _key COLLATE "C"' if self._is_pg else "ORDER BY _key"
+        quoted = self.conn.dialect.identifier_preparer.quote(collection)
+        q = sa.text(f"SELECT _key, doc, _incarnation FROM {quoted} WHERE _partition = :p"
+                    f" {order}").execution_options(stream_results=True, yield_per=5000)
+        for key, doc, inc in self.conn.execute(q, {"p": partition}):
+            yield key, self._decode(doc), inc
+
 
     # -- declared tables -----------------------------------------------------
     def _declared_sql(self, table: DeclaredTable) -> dict[str, str]:

@@ -78,8 +78,10 @@ def read_vector(path: str | Path) -> dict[str, Any]:
             data = json.loads(text.split("\n", 1)[0])
         except ValueError as exc:
             raise InvalidInput(f"{path}: not a version vector (JSON expected: {exc})") from exc
+    bases: dict[str, Any] = {}
     if isinstance(data, dict) and isinstance(data.get("vectors"), dict):
         vectors, tips = data["vectors"], data.get("tips") or {}
+        bases = data.get("bases") or {}  # the other side started from checkpoints
     elif isinstance(data, dict):
         vectors, tips = data, {}
     else:
@@ -89,7 +91,7 @@ def read_vector(path: str | Path) -> dict[str, Any]:
                 isinstance(s, int) and not isinstance(s, bool) for s in vector.values()):
             raise InvalidInput(f"{path}: the vector of partition {partition!r} must map"
                                " origins to integers")
-    return {"vectors": vectors, "tips": tips}
+    return {"vectors": vectors, "tips": tips, "bases": bases}
 
 
 def outgoing(side: Side, since: dict[str, Any] | None = None,
@@ -102,13 +104,16 @@ def outgoing(side: Side, since: dict[str, Any] | None = None,
     """
     since = since or {"vectors": {}, "tips": {}}
     replies = side.answer_vector({"type": "vector", "peer": None, "vectors": since["vectors"],
-                               "tips": since.get("tips", {}), "first": False})
+                               "tips": since.get("tips", {}), "first": False,
+                               "bases": since.get("bases") or {}})
     if any(m["type"] == "have" for m in replies):
         raise InvalidInput("the vector holds revisions of this peer's origin that this store"
                            " lacks (was it restored from a backup?): sync directly instead")
     items = [d for m in replies if m["type"] == "descriptors" for d in m["items"]
              if partition is None or d["partition"] == partition]
-    messages: list[Message] = [{"type": "descriptors", "items": items}] if items else []
+    parents = [p for m in replies if m["type"] == "descriptors" for p in m.get("parents", ())]
+    messages: list[Message] = [{"type": "descriptors", "items": items,
+                                **({"parents": parents} if parents else {})}] if items else []
     if items:
         messages += side.answer_want({"type": "want", "ids": [d["id"] for d in items]})
     mine = side.vector()
