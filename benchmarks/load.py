@@ -14,7 +14,7 @@ revision increments must equal the count), all visible on every peer within
 server and the p50/p99 time from a write to its visibility on every other
 peer. Exits 1 when a check fails.
 
-    python benchmarks/load.py                      # 50 x 200, about a few minutes
+    python benchmarks/load.py                      # 50 x 200: 3-5 minutes on 2 cores
     python benchmarks/load.py --peers 8 --writes 30   # a quick run
 """
 
@@ -158,6 +158,20 @@ def client_process(names: list[str], folder: str, url: str, tokens: dict[str, st
 # -- the run -------------------------------------------------------------------------------------
 
 
+def push_rate(url: str, token: str, folder: Path, count: int) -> float:
+    """Return revisions/s of one sync pushing ``count`` new revisions: the server's intake
+    (checks, ledger, integration), apart from what simulating many devices costs here."""
+    with Peer.open(f"sqlite:///{folder}/pusher.db", "pusher") as peer:
+        for i in range(count):
+            with peer.transaction(f"push {i}") as tx:
+                tx.insert("pushed", {"_id": i})
+        started = time.perf_counter()
+        result = client.sync(peer, url, token)
+        elapsed = time.perf_counter() - started
+    assert result.remote.fetched == count, result.remote
+    return count / elapsed
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -196,6 +210,7 @@ def run(store: str, args: argparse.Namespace, folder: Path) -> bool:
             server_snapshot = sorted(json.dumps([list(k), v], sort_keys=True)
                                      for k, v in hub.snapshot().items())
             counters = {n: (hub.get("counters", n) or {}).get("n") for n in names}
+        intake = push_rate(url, tokens[names[0]], folder, args.push) if args.push else None
     devices: dict[str, Any] = {}
     for r in results:
         devices.update(json.loads(Path(r).read_text()))
@@ -231,6 +246,9 @@ def run(store: str, args: argparse.Namespace, folder: Path) -> bool:
     if latencies:
         print(f"write -> visible on every other peer: p50 {percentile(latencies, 0.5):.2f}s,"
               f" p99 {percentile(latencies, 0.99):.2f}s, max {max(latencies):.2f}s")
+    if intake is not None:
+        print(f"server intake alone: one peer pushed {args.push} revisions in one sync at"
+              f" {intake:.0f} revisions/s")
     print(f"sync rounds per peer: {sum(d['rounds'] for d in devices.values()) / len(devices):.1f}")
     for name, ok in checks.items():
         print(f"  {'ok ' if ok else 'FAIL'} {name}")
@@ -248,6 +266,8 @@ def main() -> int:
     parser.add_argument("--procs", type=int, default=2, help="client processes (2)")
     parser.add_argument("--deadline", type=float, default=120.0,
                         help="seconds after the last write by which all must be visible (120)")
+    parser.add_argument("--push", type=int, default=2000,
+                        help="then time one peer pushing this many revisions (2000; 0: skip)")
     parser.add_argument("--store", help="server store URL (default: a fresh schema in"
                                         " $TXENGINE_TEST_POSTGRES_URL)")
     args = parser.parse_args()

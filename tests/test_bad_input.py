@@ -183,6 +183,12 @@ def not_a_revision_record(peer):
     return lambda: peer.receive_json(['{"descriptor": {}}']), {}
 
 
+def non_bool_cas(peer):
+    ops = [{"op": "update", "collection": "items", "key": 1, "set": {"v": 2},
+            "before": {"v": 1}, "cas": "yes"}]
+    return receive(peer, foreign(peer, ops=ops)), {}
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -238,6 +244,8 @@ CASES = [
     Case("declared collections not matching ops", "`collections: ['other']` on ops on `items`",
          MalformedPayload, "revision {rev} declares collections ['other'] but its ops write"
          " ['items']", collections_mismatch),
+    Case("non-bool cas", 'a received update with `"cas": "yes"`', MalformedPayload,
+         "cas must be true or false, got 'yes': omit it for a plain op", non_bool_cas),
 ]
 
 

@@ -77,14 +77,17 @@ def updates(draw):
     unset = tuple(names[split[0]: split[1]])
     inc = {n: draw(st.integers(-1000, 1000)) for n in names[split[1]:]}
     before = draw(st.none() | st.dictionaries(st.sampled_from(names), values, max_size=3))
+    cas = before is not None and draw(st.booleans())  # a cas update needs its before
     return Update(draw(collections), draw(keys), set=set_, unset=unset, inc=inc,
-                  expect=draw(expects), before=before)
+                  expect=draw(expects), before=before, cas=cas)
 
 
-inserts = st.builds(lambda c, k, d: Insert(c, {"_id": k, **d}), collections, keys, docs)
+inserts = st.builds(lambda c, k, d, cas: Insert(c, {"_id": k, **d}, cas=cas), collections, keys,
+                    docs, st.booleans())
 deletes = st.builds(
-    lambda c, k, e, b: Delete(c, k, expect=e, before=None if b is None else {"_id": k, **b}),
-    collections, keys, expects, st.none() | docs)
+    lambda c, k, e, b, cas: Delete(c, k, expect=e, before=None if b is None else {"_id": k, **b},
+                                   cas=cas and b is not None),
+    collections, keys, expects, st.none() | docs, st.booleans())
 op_lists = st.lists(st.one_of(inserts, updates(), deletes), min_size=1, max_size=5)
 
 
@@ -140,6 +143,39 @@ def test_down_revision_is_none_for_a_root_and_a_tuple_for_a_merge():
     assert f'\ndown_revision = ("{"b" * 64}", "{"c" * 64}")\n' in text
     assert f'\ndepends_on = ("{"e" * 64}",)\n' in text
     assert load_data(text) == merge
+
+
+def test_cas_ops_render_with_cas_and_their_downgrade_is_cas_too():
+    """A revert's compare-and-set flag survives the script; its undo compares as well."""
+    rev = data_revision([
+        Update("customers", 1, set={"name": "Ada"}, expect="b" * 64,
+               before={"name": "Ada L."}, cas=True),
+        Delete("customers", 2, expect="b" * 64, before={"_id": 2}, cas=True),
+        Insert("customers", {"_id": 3}, cas=True),
+    ])
+    text = render_data(rev)
+    assert (
+        "def upgrade(op):\n"
+        f'    op.update("customers", 1, set={{"name": "Ada"}}, expect="{"b" * 64}",'
+        ' before={"name": "Ada L."}, cas=True)\n'
+        f'    op.delete("customers", 2, expect="{"b" * 64}", before={{"_id": 2}}, cas=True)\n'
+        '    op.insert("customers", {"_id": 3}, cas=True)\n'
+    ) in text
+    assert (
+        "def downgrade(op):\n"
+        '    op.delete("customers", 3, expect="self", before={"_id": 3}, cas=True)\n'
+        '    op.insert("customers", {"_id": 2}, cas=True)\n'
+        f'    op.update("customers", 1, set={{"name": "Ada L."}}, expect="{"b" * 64}",'
+        ' before={"name": "Ada"}, cas=True)\n'
+    ) in text
+    loaded = load_data(text, "rev.py")
+    assert loaded == rev and [op.cas for op in loaded.ops] == [True, True, True]
+
+
+def test_a_non_bool_cas_in_a_script_is_refused():
+    text = render_data(data_revision([Insert("customers", {"_id": 3}, cas=True)]))
+    with pytest.raises(MalformedPayload, match="^cas must be true or false, got 'yes'"):
+        load_data(text.replace("cas=True", 'cas="yes"'), "rev.py")
 
 
 def test_irreversible_downgrade_is_rendered_as_a_comment():

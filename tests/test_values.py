@@ -6,11 +6,13 @@ import datetime as dt
 import decimal
 import json
 
+import pytest
 import rfc8785
 from bson import Binary, Decimal128, ObjectId
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from txengine.exceptions import MalformedPayload
 from txengine.values import canonical, from_ejson, to_ejson
 
 keys = st.text(max_size=6) | st.sampled_from(["\U0001f600", "\ue000", "a\U00010000", "\u20ac"])
@@ -40,8 +42,8 @@ python_values = st.recursive(
     .map(lambda d: d.replace(microsecond=d.microsecond // 1000 * 1000, tzinfo=dt.UTC))
     | st.decimals(allow_nan=False, allow_infinity=False, places=4, min_value=-(10**9),
                   max_value=10**9).map(Decimal128),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
-                                                                 max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(max_size=4).filter(lambda k: not k.startswith("$")), inner, max_size=3),
     max_leaves=8,
 )
 
@@ -70,3 +72,8 @@ def test_datetimes_are_truncated_to_milliseconds_and_naive_ones_read_as_utc() ->
     old = dt.datetime(1900, 1, 1, 0, 0, 0, 999, tzinfo=dt.UTC)
     assert to_ejson(old) == {"$date": {"$numberLong": "-2208988800000"}}
     assert from_ejson(to_ejson(old)) == old.replace(microsecond=0)
+
+
+def test_a_field_named_like_an_extended_json_tag_is_refused() -> None:
+    with pytest.raises(MalformedPayload, match=r"'\$oid' starts with '\$'"):
+        to_ejson({"a": {"$oid": None}})

@@ -246,6 +246,8 @@ class Ledger(LeaseHolder):
             "writes": "INSERT INTO txengine_writes (partition, collection, key, hlc_ms,"
                       f" revision) VALUES ({', '.join([ph] * 5)})",
             "fill": f"UPDATE txengine_revisions SET payload = {ph}, state = {ph} WHERE id = {ph}",
+            "fill_applied": f"UPDATE txengine_revisions SET payload = {ph}, state = {ph},"
+                            f" position = {ph}, undo = {ph} WHERE id = {ph}",
             "audit": "INSERT INTO txengine_audit (revision, action, peer_id, os_user, at,"
                      f" duration_ms, outcome, detail) VALUES ({', '.join([ph] * 8)})",
         }
@@ -303,6 +305,15 @@ class Ledger(LeaseHolder):
             raw_cursor(self.conn).executemany(self._sql["fill"], [
                 (rev.payload, st, rev.id) for rev, st in revs])
             self._index_writes([rev for rev, _st in revs])
+
+    def fill_applied(self, revs: Sequence[Revision], entries: Sequence[Applied]) -> None:
+        """Store the payloads of announced revisions applied as they arrived, with their
+        apply state, position and undo record: one UPDATE a revision, not three writes."""
+        if revs:
+            raw_cursor(self.conn).executemany(self._sql["fill_applied"], [
+                (rev.payload, e.state, e.position, _dumps(e.undo), rev.id)
+                for rev, e in zip(revs, entries, strict=True)])
+            self._index_writes(revs)
 
     def set_states(self, ids: Sequence[str], st: str) -> None:
         """Set the local state of revisions that are not applied (quarantine, release)."""

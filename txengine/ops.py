@@ -55,20 +55,28 @@ def _check_fields(fields: Any, what: str) -> None:
 
 @dataclass(frozen=True)
 class Insert:
-    """Insert ``doc`` (its ``_id`` is the key); over an existing document, replace it."""
+    """Insert ``doc`` (its ``_id`` is the key); over an existing document, replace it.
+
+    With ``cas`` (compare-and-set) it only creates a missing document: an
+    existing one is left in place and recorded as a conflict.
+    """
 
     collection: str
     doc: dict[str, Any]
+    cas: bool = False
 
     @property
     def key(self) -> Any:
         return self.doc["_id"]
 
     def to_json(self) -> dict[str, Any]:
-        return {"op": "insert", "collection": self.collection, "doc": self.doc}
+        out: dict[str, Any] = {"op": "insert", "collection": self.collection, "doc": self.doc}
+        if self.cas:
+            out["cas"] = True
+        return out
 
     def inverse(self) -> Op:
-        return Delete(self.collection, self.key, expect=SELF, before=self.doc)
+        return Delete(self.collection, self.key, expect=SELF, before=self.doc, cas=self.cas)
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,12 @@ class Update:
     incarnation, or a missing document, the update does nothing and is recorded
     as a conflict. ``before`` holds the touched fields' values at write time
     (absent fields were missing), which is what the rendered downgrade uses.
+
+    With ``cas`` (compare-and-set) ``before`` is also a condition, checked
+    when the op is applied: each field of ``set`` and ``unset`` is written
+    only where the document still holds its ``before`` value (absent from
+    ``before``: the field must be missing); the others are left as they are
+    and recorded as a conflict. ``inc`` still adds: counters commute.
     """
 
     collection: str
@@ -88,6 +102,7 @@ class Update:
     inc: dict[str, Any] = field(default_factory=dict)
     expect: str | None = None
     before: dict[str, Any] | None = None
+    cas: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"op": "update", "collection": self.collection, "key": self.key}
@@ -101,25 +116,34 @@ class Update:
             out["expect"] = self.expect
         if self.before is not None:
             out["before"] = self.before
+        if self.cas:
+            out["cas"] = True
         return out
 
     def inverse(self) -> Op:
+        """Return the op that undoes this one; a cas op's inverse expects its after-values."""
         before = self.before or {}
         restore = {f: before[f] for f in [*self.set, *self.unset] if f in before}
         drop = tuple(f for f in self.set if f not in before)
         inc = {f: _negate(v) for f, v in self.inc.items()}
         return Update(self.collection, self.key, set=restore, unset=drop, inc=inc,
-                      expect=self.expect)
+                      expect=self.expect, before=dict(self.set) if self.cas else None,
+                      cas=self.cas)
 
 
 @dataclass(frozen=True)
 class Delete:
-    """Delete the document ``key`` if it still has the incarnation ``expect``."""
+    """Delete the document ``key`` if it still has the incarnation ``expect``.
+
+    With ``cas`` (compare-and-set) it also needs the document to equal
+    ``before`` whole; a changed document is left in place, as a conflict.
+    """
 
     collection: str
     key: Any
     expect: str | None = None
     before: dict[str, Any] | None = None
+    cas: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"op": "delete", "collection": self.collection, "key": self.key}
@@ -127,6 +151,8 @@ class Delete:
             out["expect"] = self.expect
         if self.before is not None:
             out["before"] = self.before
+        if self.cas:
+            out["cas"] = True
         return out
 
     def inverse(self) -> Op:
@@ -134,7 +160,7 @@ class Delete:
             raise InvalidInput(
                 f"delete of {self.collection}/{self.key!r} has no before image to restore"
             )
-        return Insert(self.collection, self.before)
+        return Insert(self.collection, self.before, cas=self.cas)
 
 
 Op = Insert | Update | Delete
@@ -157,6 +183,14 @@ def _expect(value: Any) -> str | None:
     return value
 
 
+def _cas(value: Any, name: str, before: Any) -> bool:
+    if not isinstance(value, bool):
+        raise MalformedPayload(f"cas must be true or false, got {value!r}: omit it for a plain op")
+    if value and name != "insert" and before is None:
+        raise MalformedPayload(f"a cas {name} needs before: the values it expects to find")
+    return value
+
+
 def _dict(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -166,9 +200,9 @@ def _dict(value: Any, what: str) -> dict[str, Any]:
 
 
 _OP_FIELDS = {
-    "insert": {"op", "collection", "doc"},
-    "update": {"op", "collection", "key", "set", "unset", "inc", "expect", "before"},
-    "delete": {"op", "collection", "key", "expect", "before"},
+    "insert": {"op", "collection", "doc", "cas"},
+    "update": {"op", "collection", "key", "set", "unset", "inc", "expect", "before", "cas"},
+    "delete": {"op", "collection", "key", "expect", "before", "cas"},
 }
 
 
@@ -188,7 +222,8 @@ def op_from_json(data: Any) -> Op:
         if not isinstance(doc, dict) or "_id" not in doc:
             raise MalformedPayload("an insert needs a doc object with an _id")
         _check_fields([k for k in doc if k != "_id"], "doc")
-        return Insert(collection, {**doc, "_id": check_key(doc["_id"])})
+        return Insert(collection, {**doc, "_id": check_key(doc["_id"])},
+                      cas=_cas(data.get("cas", False), name, None))
     if "key" not in data:
         raise MalformedPayload(f"a {name} op needs a key")
     key = check_key(data["key"])
@@ -197,7 +232,8 @@ def op_from_json(data: Any) -> Op:
         before = data.get("before")
         if before is not None and not isinstance(before, dict):
             raise MalformedPayload("delete before must be an object")
-        return Delete(collection, key, expect=expect, before=before)
+        return Delete(collection, key, expect=expect, before=before,
+                      cas=_cas(data.get("cas", False), name, before))
     set_ = _dict(data.get("set"), "set")
     inc = _dict(data.get("inc"), "inc")
     unset = data.get("unset") or []
@@ -217,19 +253,20 @@ def op_from_json(data: Any) -> Op:
     if before is not None and not isinstance(before, dict):
         raise MalformedPayload("update before must be an object")
     return Update(collection, key, set=set_, unset=tuple(unset), inc=inc, expect=expect,
-                  before=before)
+                  before=before, cas=_cas(data.get("cas", False), name, before))
 
 
 def op_from_trusted(data: dict[str, Any]) -> Op:
     """Build an op from JSON that already passed :func:`op_from_json` (no checks)."""
     name = data["op"]
     if name == "insert":
-        return Insert(data["collection"], data["doc"])
+        return Insert(data["collection"], data["doc"], data.get("cas", False))
     if name == "update":
         return Update(data["collection"], data["key"], data.get("set") or {},
                       tuple(data.get("unset") or ()), data.get("inc") or {},
-                      data.get("expect"), data.get("before"))
-    return Delete(data["collection"], data["key"], data.get("expect"), data.get("before"))
+                      data.get("expect"), data.get("before"), data.get("cas", False))
+    return Delete(data["collection"], data["key"], data.get("expect"), data.get("before"),
+                  data.get("cas", False))
 
 
 def write_key(op: Op) -> tuple[str, str]:
@@ -263,7 +300,11 @@ def apply_op(op: Op, state: State, revision: str) -> Outcome:
     """Apply ``op`` to a document state inside revision ``revision``.
 
     Pure: the same op on the same state gives the same outcome on every peer.
+    A compare-and-set op is checked here too, never where it was written, so a
+    concurrent change its writer had not seen yet is kept on every peer alike.
     """
+    if op.cas:
+        return _apply_cas(op, state, revision)
     doc, incarnation = state
     if isinstance(op, Insert):
         conflict = "replaced an existing document" if doc is not None else None
@@ -284,3 +325,53 @@ def apply_op(op: Op, state: State, revision: str) -> Outcome:
             return Outcome(state, f"inc of non-numeric field {f!r}")
         new[f] = to_ejson(current + from_ejson(amount))
     return Outcome((new, incarnation))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Compare JSON values: numbers by value (1 == 1.0), booleans never equal to numbers."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return bool(a == b)
+
+
+def holds(doc: dict[str, Any], expected: dict[str, Any], name: str) -> bool:
+    """Say whether field ``name`` of ``doc`` is as ``expected`` has it (absent: missing)."""
+    if name not in expected:
+        return name not in doc
+    return name in doc and _same(doc[name], expected[name])
+
+
+def _apply_cas(op: Op, state: State, revision: str) -> Outcome:
+    """Apply a compare-and-set op: write only where the document holds what it expects.
+
+    What is left alone is a conflict (audited with the op and the document it
+    met, like any other); an update still writes the fields that do hold.
+    """
+    doc, incarnation = state
+    if isinstance(op, Insert):
+        if doc is not None:
+            return Outcome(state, "compare-and-set: an existing document was left in place")
+        return Outcome((dict(op.doc), revision))
+    if doc is None:
+        return Outcome(state, f"{type(op).__name__.lower()} of a missing document")
+    if not _matches(op.expect, incarnation, revision):
+        return Outcome(state, "written against another incarnation")
+    if isinstance(op, Delete):
+        if op.before is None or not _same(doc, op.before):
+            return Outcome(state, "compare-and-set: a changed document was left in place")
+        return Outcome((None, None))
+    expected = op.before or {}
+    changed = [f for f in (*op.set, *op.unset) if not holds(doc, expected, f)]
+    kept = Update(op.collection, op.key, {f: v for f, v in op.set.items() if f not in changed},
+                  tuple(f for f in op.unset if f not in changed), op.inc, op.expect)
+    if not changed:
+        return apply_op(kept, state, revision)
+    reason = f"compare-and-set: changed fields {changed} were left in place"
+    if not (kept.set or kept.unset or kept.inc):
+        return Outcome(state, reason)
+    outcome = apply_op(kept, state, revision)
+    return outcome if outcome.conflict else Outcome(outcome.state, reason)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -66,7 +65,7 @@ def decode_ops(payload: bytes, limit: int = MAX_PAYLOAD_BYTES, trusted: bool = F
     if len(payload) > limit:
         raise OversizePayload(len(payload), limit)
     try:
-        data = json.loads(payload)
+        data = loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedPayload(f"payload is not valid JSON: {exc}") from exc
     if not isinstance(data, list):

@@ -36,8 +36,8 @@ DATA_MARKER = "# txengine: data revision"
 
 _OP_POSITIONAL = {"insert": ("collection", "doc"), "update": ("collection", "key"),
                   "delete": ("collection", "key")}
-_OP_KWARGS = {"insert": (), "update": ("set", "unset", "inc", "expect", "before"),
-              "delete": ("expect", "before")}
+_OP_KWARGS = {"insert": ("cas",), "update": ("set", "unset", "inc", "expect", "before", "cas"),
+              "delete": ("expect", "before", "cas")}
 _DATA_HEADERS = ("revision", "down_revision", "branch_labels", "depends_on", "descriptor")
 _AUTHORED_HEADERS = ("revision", "down_revision", "branch_labels", "depends_on", "txengine")
 _TXENGINE_KEYS = ("hlc", "origin", "seq", "partition", "stores")

@@ -43,10 +43,18 @@ from typing import TYPE_CHECKING, Any
 from .clock import wall_ms
 from .engine import Progress, ProgressCallback
 from .intake import Refusal, check_announced, check_fetched
-from .ledger import DESCRIPTOR_COLUMNS, FETCHED, QUARANTINED, descriptor_from_row, payload_of
+from .ledger import (
+    CONFLICTED,
+    DESCRIPTOR_COLUMNS,
+    FETCHED,
+    QUARANTINED,
+    descriptor_from_row,
+    payload_of,
+)
 
 if TYPE_CHECKING:
     from .peer import Peer
+    from .revision import Revision
 
 Message = dict[str, Any]
 Channel = Callable[[list[bytes]], list[bytes]]
@@ -331,6 +339,8 @@ class Side:
         good, held, refused = check_fetched(self.engine, announced, payloads, horizon,
                                             self._checked)
         self._refuse(refused)
+        if good and not held and not self.peer.pinned and self._apply_arrived(good):
+            return
         if good or held:
             ledger.fill_payloads([(r, FETCHED) for r in good] + [(r, QUARANTINED) for r in held])
             ledger.audit_many([("fetch", r.id, "ok", 0.0, {}) for r in good]
@@ -350,6 +360,25 @@ class Side:
                     self._arrived.add(r.id)
             self._report_progress()
         self.peer._admit_quarantined([r for r in good if r.kind != "data"])
+
+    def _apply_arrived(self, good: list[Revision]) -> bool:
+        """Apply payloads at once when they sort after everything integrated
+        (:meth:`Engine.apply_arrived`); say whether that was done."""
+        entries = self.engine.apply_arrived(good)
+        if entries is None:
+            return False
+        self.report.fetched += len(good)
+        for entry in entries:
+            self._checked.pop(entry.id, None)
+            if entry.id in self._wanted:
+                self._arrived.add(entry.id)
+            self.report.applied.append(entry.id)
+            if entry.state == CONFLICTED:
+                self.report.conflicted.append(entry.id)
+            self._emit("fetched", entry.id)
+            self._emit("conflicted" if entry.state == CONFLICTED else "applied", entry.id)
+        self._report_progress()
+        return True
 
     def _report_progress(self, final: bool = False) -> None:
         """Report what arrived of what was wanted; all of it only when ``final``."""

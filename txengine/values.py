@@ -47,7 +47,12 @@ def _needs_reference(value: Any) -> bool:
             if not k.isascii() and _NON_BMP.search(k):
                 return True
             vk = type(v)
-            if vk is float or ((vk is dict or vk is list) and _needs_reference(v)):
+            if vk is list:  # inline: descriptors hold several short lists of strings
+                for x in v:
+                    xk = type(x)
+                    if xk is float or ((xk is dict or xk is list) and _needs_reference(x)):
+                        return True
+            elif vk is float or (vk is dict and _needs_reference(v)):
                 return True
         return False
     if kind is list:
@@ -86,6 +91,12 @@ def canonical(value: Any) -> bytes:
             return rfc8785.dumps(_big_ints_as_floats(value))
         except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
             raise MalformedPayload(f"value cannot be encoded as canonical JSON: {exc}") from exc
+    try:
+        # orjson writes what the json module does here (same escapes, keys in
+        # code point order) at a tenth of the cost: every digest goes through it.
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        pass  # integers beyond 64 bits, lone surrogates: the json module decides
     try:
         return _DUMPS(value).encode("utf-8")
     except (TypeError, ValueError) as exc:
@@ -150,6 +161,11 @@ def to_ejson(value: Any) -> Any:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise MalformedPayload(f"field name {k!r} is not a string")
+            if k.startswith("$"):
+                # {"$oid": ...} and the like are Extended JSON's type tags: a field
+                # so named would come back as another type on every replica.
+                raise MalformedPayload(f"field name {k!r} starts with '$', which Extended JSON"
+                                       " reserves for type tags: rename the field")
             out[k] = to_ejson(v)
         return out
     if isinstance(value, (list, tuple)):

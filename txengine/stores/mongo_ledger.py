@@ -127,6 +127,12 @@ class MongoLedger(LeaseHolder):
             self.store.stage(REVISIONS, ("set", rev.id, {"payload": rev.payload, "state": st,
                                                          "w": _write_keys(rev)}))
 
+    def fill_applied(self, revs: Sequence[Revision], entries: Sequence[Applied]) -> None:
+        for rev, e in zip(revs, entries, strict=True):
+            self.store.stage(REVISIONS, ("set", rev.id, {
+                "payload": rev.payload, "state": e.state, "position": e.position,
+                "undo": dumps(e.undo), "w": _write_keys(rev)}))
+
     def set_states(self, ids: Sequence[str], st: str) -> None:
         for rev_id in ids:
             self.store.stage(REVISIONS, ("set", rev_id, {"state": st}))
