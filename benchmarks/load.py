@@ -181,7 +181,7 @@ def run(store: str, args: argparse.Namespace, folder: Path) -> bool:
     names = [f"device{i:03d}" for i in range(args.peers)]
     total = args.peers * args.writes
     with Peer.open(store, "hub") as hub:
-        tokens = {n: hub.peers_add(n).token for n in names}
+        tokens = {n: hub.peers_add(n, ["*"], ["*"]).token for n in names}
     options = {"writes": args.writes, "burst": args.burst, "pause": args.pause,
                "deadline": args.deadline}
     with server(store, args.workers, folder / "server.log") as url:

@@ -12,7 +12,7 @@ from conftest import ledger_items, write
 
 from txengine.checkpoint import bootstrap
 from txengine.cli import cli
-from txengine.exceptions import ConfigError, SnapshotMismatch
+from txengine.exceptions import ConfigError, InvalidInput, SnapshotMismatch
 from txengine.ledger import descriptor_from_row
 from txengine.peer import Peer
 
@@ -166,3 +166,59 @@ def test_cli_checkpoint_and_clone_from_it(tmp_path: Path) -> None:
                                   "--checkpoint", "--partition", "other"])
     assert missing.exit_code == 1
     assert "the source has no checkpoint in partition 'other'" in missing.output
+
+
+def test_prune_keeps_data_and_audit_and_the_peer_still_syncs(
+        store_url: str, new_store, tmp_path: Path) -> None:
+    """hub prunes before its checkpoint; carol's offline revision (parent before the
+    checkpoint) still lands on the pruned hub, and the archive replays the history."""
+    hub = Peer.open(store_url, peer_id="hub")
+    carol = Peer.open(new_store(), peer_id="carol")
+    try:
+        hub.trust_sequencer("hub")
+        carol.trust_sequencer("hub")
+        _history(hub)
+        carol.sync(hub)
+        with carol.transaction("offline") as tx:
+            tx.update("items", 5, set={"n": 55})
+        offline = tx.revision.id
+        time.sleep(0.005)
+        info = hub.checkpoint()
+        write(hub, 20, n=20)
+        before = (hub.snapshot(), hub.content_digest(), len(hub.audit()))
+        archive = tmp_path / "before.jsonl"
+        pruned = hub.prune(info.id, archive=archive)
+        assert pruned.removed == 13 and pruned.kept == 1, "edit stays: the checkpoint's parent"
+        assert hub.snapshot() == before[0] and hub.content_digest() == before[1]
+        assert len(hub.audit()) == before[2] + 1 and hub.audit()[-1].action == "prune"
+        assert [h.message for h in hub.history()] == ["write 20", "checkpoint"]
+        assert hub.verify().ok, hub.verify().findings
+        hub.close()
+        hub = Peer.open(store_url, peer_id="hub")  # the base survives a reopen
+        result = carol.sync(hub)
+        assert offline in result.remote.applied and not result.remote.refused
+        assert hub.get("items", 5) == {"_id": 5, "n": 55}
+        assert hub.snapshot() == carol.snapshot()
+        with Peer.open(new_store(), peer_id="auditor") as auditor:
+            report = auditor.bundle_apply(archive)
+            assert report.revisions == 13
+            assert len(auditor.history()) == 13
+    finally:
+        hub.close()
+        carol.close()
+
+
+def test_prune_refuses_what_is_not_an_integrated_checkpoint(tmp_path: Path) -> None:
+    with Peer.open(str(tmp_path / "p.db"), peer_id="hub") as hub:
+        hub.trust_sequencer("hub")
+        write(hub, 1)
+        first = hub.history()[0].id
+        with pytest.raises(InvalidInput, match="not a checkpoint"):
+            hub.prune(first)
+        info = hub.checkpoint()
+        hub.prune(info.id)
+        with pytest.raises(InvalidInput, match="nothing lies before"):
+            hub.prune(info.id)
+    result = CliRunner().invoke(cli, ["--store", str(tmp_path / "p.db"), "prune", "--before",
+                                      first[:12]])
+    assert result.exit_code == 1 and result.output.count("\n") == 1

@@ -174,6 +174,17 @@ def test_write_unknown_op_is_one_line(runner: CliRunner, project: Path) -> None:
     assert_one_line_error(result, "unknown op 'upsert'")
 
 
+def test_write_keeps_a_compare_and_set_op_as_written(runner: CliRunner, project: Path) -> None:
+    run(runner, project, "write", "-m", "add", "-", input=json.dumps(ADA))
+    cas = [{"op": "update", "collection": "customers", "key": 1, "set": {"name": "Ada L."},
+            "before": {"name": "Grace"}, "cas": True}]
+    out = run_json(runner, project, "write", "-m", "cas", "-", input=json.dumps(cas))
+    shown = run_json(runner, project, "show", out["id"])
+    assert "cas=True" in json.dumps(shown)  # the rendered upgrade keeps the flag
+    # the document does not hold the expected value: the field is left in place
+    assert run_json(runner, project, "find", "customers") == [{"_id": 1, "name": "Ada"}]
+
+
 def test_write_to_a_partition(runner: CliRunner, project: Path) -> None:
     out = run_json(runner, project, "write", "-m", "m", "--partition", "user:1", "-",
                    input=json.dumps(ADA))

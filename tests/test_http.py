@@ -42,8 +42,9 @@ def _free_port() -> int:
 class Server:
     """A ``txengine serve`` subprocess on a free port of 127.0.0.1."""
 
-    def __init__(self, store: str, log: Path) -> None:
+    def __init__(self, store: str, log: Path, args: tuple[str, ...] = ()) -> None:
         self.store = store
+        self.args = args
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -54,7 +55,7 @@ class Server:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "txengine.cli", "--store", self.store, "--peer-id", "hub",
-                 "serve", "--port", str(self.port), "--log-level", "warning"],
+                 "serve", "--port", str(self.port), "--log-level", "warning", *self.args],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -94,7 +95,7 @@ def _start(stack: ExitStack, directory: Path, names: tuple[str, ...] = ("alice",
     directory.mkdir(parents=True, exist_ok=True)
     store = _server_store(stack, directory)
     with Peer.open(store, "hub") as hub:
-        tokens = {name: hub.peers_add(name).token for name in names}
+        tokens = {name: hub.peers_add(name, ["*"], ["*"]).token for name in names}
     server = Server(store, directory / "server.log")
     stack.callback(server.stop)
     server.start()

@@ -359,6 +359,6 @@ def test_cli_sync_and_status(tmp_path: Path) -> None:
         synced.output)["round_trips"] == 3
     after = runner.invoke(cli, ["--store", a, "status"])
     assert after.output.splitlines()[1] == ("unsent 0, announced 0, fetched 0, conflicted 0,"
-                                            " quarantined 0")
+                                            " quarantined 0, refused 0")
     with Peer.open(b) as other:
         assert other.get("items", 1) == {"_id": 1}

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from txengine.exceptions import MalformedPayload
-from txengine.values import canonical, from_ejson, to_ejson
+from txengine.values import canonical, document_to_ejson, from_ejson, to_ejson
 
 keys = st.text(max_size=6) | st.sampled_from(["\U0001f600", "\ue000", "a\U00010000", "\u20ac"])
 json_values = st.recursive(
@@ -76,4 +76,4 @@ def test_datetimes_are_truncated_to_milliseconds_and_naive_ones_read_as_utc() ->
 
 def test_a_field_named_like_an_extended_json_tag_is_refused() -> None:
     with pytest.raises(MalformedPayload, match=r"'\$oid' starts with '\$'"):
-        to_ejson({"a": {"$oid": None}})
+        document_to_ejson({"a": {"$oid": None}})

@@ -27,7 +27,6 @@ a *base* row (no payload) that answers the hlc and parent checks.
 
 from __future__ import annotations
 
-import secrets
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,8 +37,8 @@ from . import snapshot
 from .digest import lines, partition_digest
 from .engine import ProgressCallback, node_of
 from .exceptions import ConfigError, InvalidInput, MalformedPayload, TxEngineError
-from .ledger import APPLIED, BASE, Applied, descriptor_from_row
-from .revision import Revision, build, check_descriptor, check_digest, verify_bytes
+from .ledger import APPLIED, BASE, Applied, descriptor_from_row, payload_of
+from .revision import Revision, check_descriptor, check_digest, verify_bytes
 from .values import canonical, dumps, loads
 
 if TYPE_CHECKING:
@@ -135,15 +134,7 @@ def issue(peer: Peer, partition: str, message: str) -> CheckpointInfo:
         "policies": dict(config.policies), "default": config.default,
         "sync": None if config.sync is None else list(config.sync),
         "sequencer": config.sequencer})
-    graph = engine.graph
-    above = [graph.get(p).hlc for p in parents] + [graph.get(b).hlc for b in graph.barriers()]
-    rev = build(kind="checkpoint", payload=payload, partition=partition, parents=parents,
-                origin=engine.origin, seq=engine.next_seq(partition),
-                hlc=engine.clock.tick(above), message=message,
-                rev_id=f"checkpoint_{secrets.token_hex(8)}")
-    engine.receive([(rev.descriptor, rev.payload)], trusted=True)
-    peer._integrate()
-    return info_of(rev)
+    return info_of(peer._issue_barrier("checkpoint", partition, payload, message))
 
 
 def newest(engine: Engine, partition: str) -> str | None:
@@ -325,3 +316,81 @@ def record_parents(peer: Peer, descriptors: Sequence[Any]) -> int:
             engine.stubs[rev_id] = node_of(d)
     return len(fresh)
 
+
+
+# -- prune: archive the history before a checkpoint ---------------------------------------
+
+
+@dataclass(frozen=True)
+class PruneInfo:
+    """What ``prune`` removed from the ledger (and where it archived it)."""
+
+    checkpoint: str
+    partition: str
+    removed: int
+    kept: int
+    archive: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "partition": self.partition,
+                "removed": self.removed, "kept": self.kept, "archive": self.archive}
+
+
+def prune(peer: Peer, ref: str, archive: str | Path | None = None) -> PruneInfo:
+    """Drop the revisions before checkpoint ``ref`` from the ledger (see :meth:`Peer.prune`).
+
+    The peer ends as if cloned from the checkpoint: its vector becomes the
+    partition's base, and the descriptors that later revisions still name as
+    parents stay as base rows (no payload, no undo record); every other
+    revision of the checkpoint's ancestry goes, after ``archive`` (a bundle
+    file) received it. Documents and the audit are untouched.
+    """
+    from .sync import Side
+    from .transport import bundle
+
+    rev = peer.revision(ref)
+    engine, ledger, store = peer._engine, peer._ledger, peer._store
+    if rev.kind != "checkpoint":
+        raise InvalidInput(f"revision {rev.id[:12]} is a {rev.kind} revision, not a"
+                           " checkpoint: prune --before takes a checkpoint")
+    if rev.id not in engine.applied:
+        raise InvalidInput(f"checkpoint {rev.id[:12]} is not integrated on this peer:"
+                           " upgrade first")
+    if peer.pinned:
+        raise InvalidInput("this peer is pinned by a downgrade: upgrade before pruning")
+    partition = rev.partition
+    graph = engine.graph
+    before = graph.ancestors([rev.id], inclusive=False)
+    before = {r for r in before if engine.partition.get(r) == partition}
+    if not before:
+        raise InvalidInput(f"nothing lies before checkpoint {rev.id[:12]} on this peer")
+    named = {p for r in graph if r not in before
+             for p in (*graph.get(r).parents, *graph.get(r).depends_on) if p in before}
+    order = graph.canonical_order(before)
+    peer._take_lease()
+    if archive is not None:
+        rows = ledger.full_rows(order)
+        store.rollback()
+        items = [descriptor_from_row(rows[r]) for r in order]
+        messages = [{"type": "descriptors", "items": items},
+                    {"type": "payloads", "items": [[r, payload_of(rows[r]).decode("utf-8")]
+                                                   for r in order]}]
+        bundle.write(archive, bundle.header_of(Side(peer), [partition], {}, messages), messages)
+    body = decode_payload(rev.payload)
+    try:
+        ledger.strip(sorted(named))
+        ledger.delete([r for r in order if r not in named])
+        bases = {**engine.bases, partition: {"checkpoint": rev.id, "vector": body["vector"],
+                                             "config": body["config"]}}
+        ledger.set_state("bases", dumps(bases))
+        ledger.audit("prune", rev.id, detail={
+            "partition": partition, "removed": len(order), "kept_as_base": len(named),
+            "archive": None if archive is None else str(archive)})
+        store.commit()
+    except BaseException:
+        store.rollback()
+        raise
+    finally:
+        engine.load()
+    return PruneInfo(rev.id, partition, len(order), len(named),
+                     None if archive is None else str(archive))

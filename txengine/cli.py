@@ -69,7 +69,7 @@ def open_peer() -> Peer:
         url = cfg.require_store()
         try:
             state.peer = Peer.open(url, state.peer_id or cfg.peer_id,
-                                   script_location=cfg.script_location)
+                                   script_location=cfg.script_location, key_file=cfg.key_file)
         except sa.exc.DBAPIError as exc:  # stopgap: Peer.open should raise StoreError
             raise StoreError(f"cannot open store {url!r}: {exc.orig}") from exc
         ctx.find_root().call_on_close(state.close_peer)
@@ -327,13 +327,17 @@ partition_option = click.option("--partition", default=DEFAULT_PARTITION, show_d
 @click.option("--from-alembic", "source", type=click.Path(exists=True, file_okay=False),
               help="Adopt the Alembic script directory (or versions folder) SOURCE: freeze"
                    " each migration as a script revision, stamp alembic_version's heads.")
+@click.option("--root-key", metavar="PUBLIC",
+              help="Install the deployment's root public key (from `keys init-root`): the"
+                   " peer then accepts only revisions signed by enrolled keys.")
 @output_options
-def init(directory: str, source: str | None) -> Output:
+def init(directory: str, source: str | None, root_key: str | None) -> Output:
     """Create alembic.ini ([txengine] section) and versions/ in DIRECTORY.
 
     An existing alembic.ini is kept: the [txengine] section is added to it.
     The store defaults to sqlite:///txengine.db next to alembic.ini (with
-    --from-alembic: --store, else Alembic's sqlalchemy.url). See docs/alembic.md.
+    --from-alembic: --store, else Alembic's sqlalchemy.url). See docs/alembic.md
+    and, for --root-key, docs/security.md.
     """
     state = click.get_current_context().find_object(State)
     peer_id = state.peer_id if state else None
@@ -352,12 +356,21 @@ def init(directory: str, source: str | None) -> Output:
                     f"Store: {r.store}, peer id: {r.peer_id}"]
 
         return Output([report], adopted, single=True)
+    if root_key is not None:
+        from .keys import public_from_text
+
+        public_from_text(root_key)  # refuse a bad key before writing anything
     result = _config.init_project(directory, peer_id=peer_id)
+    if root_key is not None:
+        cfg = _config.load(result.config, required=True)
+        with Peer.open(cfg.require_store(), cfg.peer_id, key_file=cfg.key_file) as peer:
+            peer.install_root(root_key)
 
     def lines(r: _config.InitResult) -> list[str]:
         did = "Wrote" if r.created else "Added a [txengine] section to"
         return [f"{did} {r.config}", f"Scripts go in {r.script_location}",
-                f"Store: {r.store}, peer id: {r.peer_id}"]
+                f"Store: {r.store}, peer id: {r.peer_id}",
+                *([f"Root key installed: {root_key}"] if root_key else [])]
 
     return Output([result], lines, single=True)
 
@@ -528,13 +541,15 @@ def verify(replay: bool) -> Output:
 @cli.command()
 @output_options
 def status() -> Output:
-    """Show the sync badge counts: unsent, announced, fetched, conflicted, quarantined."""
+    """Show the sync badge counts: unsent, announced, fetched, conflicted, quarantined,
+    refused."""
     result = open_peer().status()
 
     def lines(st: Any) -> list[str]:
         return [f"peer {st.peer} (origin {st.origin}){' pinned' if st.pinned else ''}",
                 f"unsent {st.unsent}, announced {st.announced}, fetched {st.fetched},"
-                f" conflicted {st.conflicted}, quarantined {st.quarantined}"]
+                f" conflicted {st.conflicted}, quarantined {st.quarantined},"
+                f" refused {st.refused}"]
 
     return Output([result], lines, single=True)
 
@@ -601,10 +616,15 @@ def _watch_lines(event: Any) -> list[str]:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               help="uvicorn's log level.")
-def serve(host: str, port: int, workers: int, log_level: str) -> None:
+@click.option("--rate", type=click.FloatRange(min=0.01), default=50.0, show_default=True,
+              help="Requests a second per peer, per server process (then 429).")
+@click.option("--burst", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Requests a peer may send at once before --rate applies.")
+def serve(host: str, port: int, workers: int, log_level: str, rate: float, burst: int) -> None:
     """Serve the store to other peers over HTTP (the sync protocol, docs/protocol.md).
 
-    Every request needs a token from `txengine peers add NAME`.
+    Every request needs a token from `txengine peers add NAME`, and reads and
+    writes only the partitions `txengine peers grant` gave it.
     """
     from .transport.server import serve as run
 
@@ -615,31 +635,72 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
     if not holders:
         click.echo("warning: no peer holds a token yet, so every request will be refused:"
                    " run `txengine peers add NAME`", err=True)
-    run(state.config().require_store(), peer_id, host, port, workers, log_level)
+    elif not any(c.read or c.write for c in holders):
+        click.echo("warning: no peer holds a grant yet, so no partition will be read or"
+                   " written: run `txengine peers grant NAME --read P --write P`", err=True)
+    run(state.config().require_store(), peer_id, host, port, workers, log_level, rate, burst)
 
 
 @cli.group()
 def peers() -> None:
-    """Manage who may sync with this store over HTTP: add, list, remove tokens."""
+    """Manage who may sync with this store over HTTP: tokens and partition grants."""
+
+
+def grant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--read P / --write P, repeatable: partition names or prefixes ending in '*'."""
+    fn = click.option("--write", "write", multiple=True, metavar="PATTERN",
+                      help="A partition it may send revisions of: a name, or a prefix ending"
+                      " in '*' ('user:*'; '*' for all). Repeatable.")(fn)
+    return click.option("--read", "read", multiple=True, metavar="PATTERN",
+                        help="A partition it may receive: a name, or a prefix ending in '*'."
+                        " Repeatable.")(fn)
+
+
+def _grant_lines(c: Any) -> list[str]:
+    return [f"{c.name}  read: {', '.join(c.read) or '-'}  write: {', '.join(c.write) or '-'}"]
 
 
 @peers.command("add")
 @click.argument("name")
+@grant_options
 @output_options
-def peers_add(name: str) -> Output:
-    """Let peer NAME sync with this store; print its token (once: only a hash is kept)."""
-    return Output([open_peer().peers_add(name)], lambda c: [c.token], single=True)
+def peers_add(name: str, read: tuple[str, ...], write: tuple[str, ...]) -> Output:
+    """Let peer NAME sync with this store; print its token (once: only a hash is kept).
+
+    It reads and writes nothing until granted: pass --read/--write here or
+    run `txengine peers grant`.
+    """
+    return Output([open_peer().peers_add(name, read, write)], lambda c: [c.token], single=True)
+
+
+@peers.command("grant")
+@click.argument("name")
+@grant_options
+@output_options
+def peers_grant(name: str, read: tuple[str, ...], write: tuple[str, ...]) -> Output:
+    """Let peer NAME read and write more partitions (--read/--write PATTERN)."""
+    return Output([open_peer().peers_grant(name, read, write)], _grant_lines, single=True)
+
+
+@peers.command("revoke-grant")
+@click.argument("name")
+@grant_options
+@output_options
+def peers_revoke_grant(name: str, read: tuple[str, ...], write: tuple[str, ...]) -> Output:
+    """Take grants back from peer NAME: its next request sees only what is left."""
+    return Output([open_peer().peers_revoke_grant(name, read, write)], _grant_lines,
+                  single=True)
 
 
 @peers.command("list")
 @output_options
 def peers_list() -> Output:
-    """List the peers that hold a token for this store."""
+    """List the peers that hold a token for this store, with their grants."""
     import datetime as _dt
 
     def lines(c: Any) -> list[str]:
         when = _dt.datetime.fromtimestamp(c.created_at, _dt.UTC).isoformat(timespec="seconds")
-        return [f"{c.name}  (added {when})"]
+        return [f"{_grant_lines(c)[0]}  (added {when})"]
 
     return Output(open_peer().peers_list(), lines, empty="no peer holds a token")
 
@@ -650,6 +711,92 @@ def peers_remove(name: str) -> None:
     """Revoke peer NAME's token: its next request is refused."""
     open_peer().peers_remove(name)
     click.echo(f"removed {name}")
+
+
+@cli.group()
+def keys() -> None:
+    """Peer keys and the deployment's root key: show, init-root, install-root, enroll,
+    revoke, list. See docs/security.md."""
+
+
+def _key_lines(info: Any) -> list[str]:
+    revoked = f"  (revoked by {info.revoked_by})" if info.revoked_by else ""
+    return [f"{info.peer or 'root'}  {info.key}  {info.public}{revoked}"]
+
+
+def _root_pair(path: str) -> Any:
+    from .keys import read_key_file
+
+    return read_key_file(path)
+
+
+_root_key_option = click.option(
+    "--root-key", "root_key_file", required=True, type=click.Path(exists=True, dir_okay=False),
+    help="The root private key file (from `keys init-root`).")
+
+
+@keys.command("show")
+@output_options
+def keys_show() -> Output:
+    """Print this peer's key id and public key (made at first use): what the root enrolls."""
+    return Output([open_peer().key_info()], _key_lines, single=True)
+
+
+@keys.command("init-root")
+@click.argument("file", type=click.Path(dir_okay=False))
+@output_options
+def keys_init_root(file: str) -> Output:
+    """Make the deployment's root key pair in FILE (mode 0600, never overwritten).
+
+    Keep FILE offline with whoever enrolls peers; install the printed public
+    key on every peer (`init --root-key`, `keys install-root`).
+    """
+    from .keys import init_root
+
+    return Output([init_root(file)], _key_lines, single=True)
+
+
+@keys.command("install-root")
+@click.argument("public")
+def keys_install_root(public: str) -> None:
+    """Install the root public key PUBLIC: from now on this peer accepts only revisions
+    signed by keys the root enrolled (a root is installed once)."""
+    open_peer().install_root(public)
+    click.echo(f"root key installed on {open_peer().peer_id}")
+
+
+@keys.command("enroll")
+@click.argument("peer_id")
+@click.argument("public")
+@_root_key_option
+@partition_option
+@click.option("--sequencer", help="Also name the partition's sequencer.")
+@output_options
+def keys_enroll(peer_id: str, public: str, root_key_file: str, partition: str,
+                sequencer: str | None) -> Output:
+    """Enroll peer PEER_ID's public key PUBLIC in a config revision signed by the root."""
+    info = open_peer().enroll(_root_pair(root_key_file), {peer_id: public}, partition,
+                              sequencer=sequencer)
+    return Output([info], RENDERERS["revision"], single=True)
+
+
+@keys.command("revoke")
+@click.argument("key_ids", nargs=-1, required=True)
+@_root_key_option
+@partition_option
+@output_options
+def keys_revoke(key_ids: tuple[str, ...], root_key_file: str, partition: str) -> Output:
+    """Revoke KEY_IDS in a config revision signed by the root: their revisions outside
+    its ancestry are refused from then on."""
+    info = open_peer().revoke(_root_pair(root_key_file), list(key_ids), partition)
+    return Output([info], RENDERERS["revision"], single=True)
+
+
+@keys.command("list")
+@output_options
+def keys_list() -> Output:
+    """List the keys the root enrolled, as this peer knows them."""
+    return Output(open_peer().enrolled(), _key_lines, empty="no key is enrolled here")
 
 
 @cli.group()
@@ -728,7 +875,8 @@ def clone(source: str, partition: str | None, source_peer_id: str | None,
     url = cfg.require_store()
     peer = _run_with_progress("cloning", lambda p: Peer.clone(
         source, url, state.peer_id or cfg.peer_id, partition=partition,
-        source_peer_id=source_peer_id, progress=p, from_checkpoint=from_checkpoint))
+        source_peer_id=source_peer_id, progress=p, from_checkpoint=from_checkpoint,
+        key_file=cfg.key_file))
     state.peer = peer
     ctx.find_root().call_on_close(state.close_peer)
     result = {"source": source, "store": url, "peer": peer.peer_id,
@@ -764,6 +912,25 @@ def checkpoint(partition: str, message: str) -> Output:
     return Output([info], lambda i: [
         f"checkpoint {i.id} of partition {i.partition}: {i.documents} documents, digest"
         f" {i.digest}"], single=True)
+
+
+@cli.command()
+@click.option("--before", "checkpoint", required=True, metavar="CHECKPOINT",
+              help="The checkpoint (id, prefix or target) whose history goes.")
+@click.option("--archive", type=click.Path(dir_okay=False),
+              help="Write the pruned revisions to this bundle file first.")
+@output_options
+def prune(checkpoint: str, archive: str | None) -> Output:
+    """Drop the history before a checkpoint from the ledger (data and audit stay).
+
+    The peer keeps syncing, as a peer cloned from the checkpoint does; see
+    docs/checkpoints.md.
+    """
+    info = open_peer().prune(checkpoint, archive)
+    return Output([info], lambda i: [
+        f"pruned {i.removed} revisions before checkpoint {i.checkpoint[:12]} of partition"
+        f" {i.partition} ({i.kept} kept as descriptors)"
+        + (f"; archived to {i.archive}" if i.archive else "")], single=True)
 
 
 @cli.command()

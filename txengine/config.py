@@ -1,8 +1,9 @@
 """Project configuration: the ``[txengine]`` section of ``alembic.ini`` and ``versions/``.
 
 txengine shares Alembic's ini file so a project keeps one configuration: the
-``[txengine]`` section names the ``store``, this peer's ``peer_id`` and the
-``script_location`` of authored script revisions. Relative paths are taken
+``[txengine]`` section names the ``store``, this peer's ``peer_id``, the
+``script_location`` of authored script revisions and, optionally, the
+``key_file`` that holds this peer's private key. Relative paths are taken
 from the directory of the ini file (``%(here)s``), not from the working
 directory, so ``txengine -c /path/to/alembic.ini`` works from anywhere.
 """
@@ -37,6 +38,8 @@ class Config:
     store: str | None = None
     peer_id: str | None = None
     script_location: Path | None = None
+    key_file: Path | None = None
+    """This peer's private key file (default: next to a SQLite store; docs/security.md)."""
 
     def require_store(self) -> str:
         """Return the store URL, or raise saying how to get one."""
@@ -80,11 +83,13 @@ def load(path: str | Path, *, required: bool) -> Config:
         raise ConfigError(f"{ini}: [{SECTION}] cannot be read: {exc.message}") from None
     store = section.get("store") or None
     location = section.get("script_location") or None
+    key_file = section.get("key_file") or None
     return Config(
         path=ini,
         store=absolute_store(store, here) if store else None,
         peer_id=section.get("peer_id") or None,
         script_location=(here / location) if location else None,
+        key_file=(here / key_file) if key_file else None,
     )
 
 

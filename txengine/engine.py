@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .clock import Clock, Hlc
 from .exceptions import (
@@ -40,6 +40,7 @@ from .ledger import (
     FETCHED,
     INTEGRATED,
     QUARANTINED,
+    REFUSED,
     Applied,
     Ledger,
     descriptor_from_row,
@@ -51,6 +52,9 @@ from .revision import Revision, decode_ops
 from .stores.base import Store
 from .values import loads, sha256
 from .vector import SeqIndex
+
+if TYPE_CHECKING:
+    from .keys import Trust
 
 Key = tuple[str, str, str]
 """A document's identity: (partition, collection, key text)."""
@@ -163,6 +167,8 @@ class Engine:
                 self.stubs[rev_id] = node
                 continue
             hold(part, origin, seq, rev_id)
+            if st == REFUSED:  # its (origin, seq) stays taken; it is in no graph or vector
+                continue
             if st == QUARANTINED:
                 self.quarantined[rev_id] = node
                 partition[rev_id] = part
@@ -186,10 +192,14 @@ class Engine:
         for rev_id in self.applied:
             if not self.graph.any_child_in(rev_id, self.applied):
                 self.applied_heads[self.partition[rev_id]].add(rev_id)
+        self.pending: set[str] = {r for r in self.graph if r not in self.applied}
+        """Known, not applied: kept as the applied set changes, so a sync of a few new
+        revisions never scans the whole graph for them."""
         self.store.rollback()
 
     def _mark_applied(self, rev_id: str, position: int) -> None:
         self.applied[rev_id] = position
+        self.pending.discard(rev_id)
         heads = self.applied_heads[self.partition[rev_id]]
         heads.add(rev_id)
         heads.difference_update(self.graph.get(rev_id).parents)
@@ -200,6 +210,7 @@ class Engine:
         applied, partition, get = self.applied, self.partition, self.graph.get
         all_heads = self.applied_heads
         top = self.clock.last
+        self.pending.difference_update(positions)
         for rev_id, position in positions.items():
             applied[rev_id] = position
             node = get(rev_id)
@@ -212,6 +223,7 @@ class Engine:
 
     def _mark_unapplied(self, rev_id: str) -> None:
         del self.applied[rev_id]
+        self.pending.add(rev_id)
         heads = self.applied_heads[self.partition[rev_id]]
         heads.discard(rev_id)
         for parent in self.graph.get(rev_id).parents:
@@ -633,16 +645,20 @@ class Engine:
 
     # -- intake ----------------------------------------------------------------
     def receive(self, items: Sequence[tuple[dict[str, Any], bytes]],
-                trusted: bool = False) -> list[str]:
-        """Check revisions from outside, record the new ones as fetched; return their ids."""
+                trusted: bool = False, trust: Trust | None = None) -> list[str]:
+        """Check revisions from outside, record the new ones as fetched; return their ids.
+
+        ``trust`` (a peer with a root key) verifies each new one's signature.
+        """
         with paused_gc():
-            new = check_batch(self, items, trusted)
+            new = check_batch(self, items, trusted, trust)
         if new:
             self.ledger.insert_many([(rev, FETCHED, None) for rev in new])
             self.ledger.audit_many([("receive", r.id, "ok", 0.0, {}) for r in new])
             self.store.commit()
             for rev in new:
                 self.graph.add(node_of(rev.descriptor))
+                self.pending.add(rev.id)
                 self.partition[rev.id] = rev.partition
                 self.messages[rev.id] = rev.message
                 self.held.add(rev.partition, rev.descriptor["origin"], rev.descriptor["seq"],
@@ -659,6 +675,7 @@ class Engine:
         for rev in revs:
             node = node_of(rev.descriptor)
             self.graph.add(node)
+            self.pending.add(rev.id)
             self.quarantined.pop(rev.id, None)
             self.partition[rev.id] = rev.partition
             self.messages[rev.id] = rev.message
@@ -690,7 +707,7 @@ class Engine:
         or a sync from a peer that is ahead. Returns None, having done nothing,
         when the general path (:meth:`integrate`) must run.
         """
-        if (not revs or any(r.kind != "data" for r in revs) or len(self.graph) != len(self.applied)
+        if (not revs or any(r.kind != "data" for r in revs) or self.pending
                 or revs[0].hlc <= self.clock.last):
             return None
         started = time.perf_counter()
@@ -735,7 +752,7 @@ class Engine:
 
     def fetched(self) -> list[str]:
         """Return known revisions that are not applied, in canonical order."""
-        return self.graph.canonical_order(r for r in self.graph if r not in self.applied)
+        return self.graph.canonical_order(self.pending)
 
 
 _SIGN = {"apply": "+", "stamp": "*", "undo": "-", "unstamp": "~"}

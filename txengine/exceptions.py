@@ -200,6 +200,45 @@ class DigestMismatch(IntegrityError):
         )
 
 
+class SignatureError(IntegrityError):
+    """A revision whose signature is missing or does not verify (``code``: ``unsigned``,
+    ``bad_signature``; subclasses ``unknown_signer``, ``revoked_key``)."""
+
+    code = "bad_signature"
+
+    def __init__(self, revision: str, reason: str, code: str | None = None) -> None:
+        self.revision = revision
+        self.code = code or type(self).code
+        super().__init__(f"revision {revision[:12]} {reason}: refused; nothing was changed")
+
+
+class UnknownSigner(SignatureError):
+    """A revision signed by a key that is not enrolled for its origin's peer id."""
+
+    code = "unknown_signer"
+
+    def __init__(self, revision: str, key: str, origin_peer: str,
+                 enrolled_for: str | None = None) -> None:
+        self.key = key
+        self.origin_peer = origin_peer
+        whose = ("is not enrolled" if enrolled_for is None
+                 else f"belongs to peer {enrolled_for!r}, not to its origin {origin_peer!r}")
+        super().__init__(revision, f"is signed by key {key}, which {whose}: the root holder"
+                         f" enrolls {origin_peer!r}'s key with `txengine keys enroll`")
+
+
+class RevokedKey(SignatureError):
+    """A revision signed by a revoked key, outside the revoking barrier's ancestry."""
+
+    code = "revoked_key"
+
+    def __init__(self, revision: str, key: str, barrier: str) -> None:
+        self.key = key
+        self.barrier = barrier
+        super().__init__(revision, f"is signed by key {key}, revoked by {barrier[:12]}, and"
+                         " is not in that barrier's ancestry; its writer must enroll a new key")
+
+
 class SnapshotMismatch(IntegrityError):
     """A snapshot whose documents do not hash to its checkpoint's content digest."""
 
@@ -225,6 +264,8 @@ class IrreversibleRevision(TxEngineError):
 
 class UntrustedScript(TxEngineError):
     """Script code that did not come from a trusted author."""
+
+    code = "untrusted_code"
 
 
 class ConflictRejected(TxEngineError):

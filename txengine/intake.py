@@ -21,6 +21,7 @@ from .exceptions import (
     ForkedRevision,
     MalformedPayload,
     MissingParent,
+    RevokedKey,
     UntrustedScript,
 )
 from .revision import Revision, check_descriptor, verify_bytes
@@ -28,25 +29,31 @@ from .values import sha256
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .keys import Trust
 
 
 def check_batch(engine: Engine, items: Sequence[tuple[dict[str, Any], bytes]],
-                trusted: bool = False) -> list[Revision]:
+                trusted: bool = False, trust: Trust | None = None) -> list[Revision]:
     """Return the new revisions of ``items``, parents first, or raise on the first bad one.
 
     Revisions already known with the same digest are skipped (re-applying a
     batch is idempotent). Script, checkpoint and config revisions are refused
-    unless ``trusted`` (this peer's own ``versions/``).
+    unless ``trusted`` (this peer's own ``versions/``) or, on a peer with a
+    root key (``trust``), signed by the partition's sequencer; there, every
+    new revision from outside must carry its origin's signature.
     """
     batch: dict[str, Revision] = {}
     for descriptor, payload in items:
-        rev = _check_one(check_descriptor(descriptor), payload, trusted)
+        rev = _check_one(check_descriptor(descriptor), payload, trusted or trust is not None)
         other = batch.get(rev.id)
         if other is not None and other.descriptor["digest"] != rev.descriptor["digest"]:
             raise ForkedRevision(f"revision {rev.id[:12]}", other.descriptor["digest"],
                                  rev.descriptor["digest"])
         batch[rev.id] = rev
     new = _check_known(engine, batch)
+    if trust is not None and not trusted:
+        for rev in new.values():
+            trust.check(rev.descriptor)
     order = _topological(new)  # before the hlc check, which a cycle would always fail first
     _check_parents(engine, new)
     return order
@@ -154,9 +161,12 @@ class Refusal:
     revision: str
     reason: str
     origin: str | None = None
+    code: str = "refused"
+    """Stable, for programs: ``forbidden_partition`` makes the origin roll the revision back."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"revision": self.revision, "reason": self.reason, "origin": self.origin}
+        return {"revision": self.revision, "reason": self.reason, "origin": self.origin,
+                "code": self.code}
 
 
 def _peer_of(origin: str) -> str:
@@ -177,15 +187,18 @@ def _hlc_problem(engine: Engine, d: dict[str, Any], extra: dict[str, Any]) -> st
 
 
 def check_announced(engine: Engine, descriptors: Sequence[Any],
-                    sequencer: Callable[[str], str | None]
+                    sequencer: Callable[[str], str | None], trust: Trust | None = None
                     ) -> tuple[list[dict[str, Any]], list[Refusal]]:
     """Check descriptors from another peer; return (new ones to record as announced, refusals).
 
     Each is checked on its own: shape, digest (and id = digest for data),
     known id or (origin, seq) slot with another digest, hlc above known
-    parents, and for barriers the sequencer and the barrier order. Scripts
-    from another peer are refused (only the local ``versions/`` is trusted
-    until signatures exist). Exact repeats are dropped.
+    parents, and for barriers the sequencer and the barrier order. On a peer
+    with a root key (``trust``) each new descriptor's signature is verified
+    here, once, against a key enrolled for its origin (barriers: the
+    sequencer's), before it can take its slot. Without one, scripts from
+    another peer are refused (only the local ``versions/`` is trusted) and
+    barriers are trusted by origin name. Exact repeats are dropped.
     """
     from .exceptions import TxEngineError
     from .revision import compute_digest
@@ -235,28 +248,35 @@ def check_announced(engine: Engine, descriptors: Sequence[Any],
                 f"(origin {d['origin']}, seq {d['seq']})", slot[1], d["digest"])), d["origin"]))
             continue
         problem = _hlc_problem(engine, d, fresh)
-        if problem is None and d["kind"] == "script":
+        code = "refused"
+        if problem is None and trust is not None:
+            try:
+                trust.check(d)
+            except TxEngineError as exc:
+                problem, code = str(exc), getattr(exc, "code", code)
+        elif problem is None and d["kind"] == "script":
             problem = (f"revision {rev_id[:12]} is script code from another peer: only this"
-                       " peer's versions/ is trusted until revisions are signed; refused")
+                       " peer's versions/ is trusted while no root key is installed; refused")
         elif problem is None and d["kind"] != "data":
             named = sequencer(d["partition"])
             if named is None or _peer_of(d["origin"]) != named:
                 problem = (f"barrier {rev_id[:12]} comes from {_peer_of(d['origin'])!r}, which is"
                            f" not the sequencer of partition {d['partition']!r}"
                            f" ({'none is named' if named is None else repr(named)}): refused")
-            elif last is not None and (tuple(d["hlc"]), d["origin"], rev_id) < (
-                    last.hlc, last.origin, last.id):
-                problem = (f"barrier {rev_id[:12]} sorts before the known barrier"
-                           f" {last.id[:12]}: refused")
+        if problem is None and d["kind"] != "data" and last is not None and (
+                tuple(d["hlc"]), d["origin"], rev_id) < (last.hlc, last.origin, last.id):
+            problem = (f"barrier {rev_id[:12]} sorts before the known barrier"
+                       f" {last.id[:12]}: refused")
         if problem is not None:
-            refused.append(Refusal(rev_id, problem, d["origin"]))
+            refused.append(Refusal(rev_id, problem, d["origin"], code))
             continue
         fresh[rev_id] = d
     return list(fresh.values()), refused
 
 
 def check_fetched(engine: Engine, announced: dict[str, dict[str, Any]],
-                  payloads: dict[str, bytes], horizon_ms: int, digest_checked: Container[str] = ()
+                  payloads: dict[str, bytes], horizon_ms: int, digest_checked: Container[str] = (),
+                  trust: Trust | None = None
                   ) -> tuple[list[Revision], list[Revision], list[Refusal]]:
     """Check arrived payloads against their announced descriptors, each on its own.
 
@@ -267,6 +287,8 @@ def check_fetched(engine: Engine, announced: dict[str, dict[str, Any]],
     are exempt. ``digest_checked`` names descriptors whose digest the caller
     checked itself (sync, when it announced them in the same exchange): their
     payload is checked against the checksum only, which the digest covers.
+    With ``trust``, a revision whose key was revoked after it was announced is
+    refused (a key id lookup: its signature was verified at announce).
     """
     from .exceptions import TxEngineError
     from .policy import decode_config
@@ -278,12 +300,15 @@ def check_fetched(engine: Engine, announced: dict[str, dict[str, Any]],
         if d is None:
             continue
         try:
+            sig = d.get("signature")
+            if trust is not None and sig is not None and sig["key"] in trust.enrolment.revoked:
+                raise RevokedKey(rev_id, sig["key"], trust.enrolment.revoked[sig["key"]])
             rev = _check_one(d, payload, trusted=True, digest_checked=rev_id in digest_checked)
             if rev.kind == "config":
                 decode_config(payload)
             candidates.append(rev)
         except TxEngineError as exc:
-            refused.append(Refusal(rev_id, str(exc), d["origin"]))
+            refused.append(Refusal(rev_id, str(exc), d["origin"], getattr(exc, "code", "refused")))
     candidates.sort(key=lambda r: (r.hlc, r.descriptor["origin"], r.id))
     good: dict[str, Revision] = {}
     held: dict[str, Revision] = {}

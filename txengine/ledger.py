@@ -146,7 +146,8 @@ def _row_type(names: tuple[str, ...]) -> type:
 
 
 DESCRIPTOR_COLUMNS = ("partition", "parents", "depends_on", "origin", "seq", "hlc_ms", "hlc_c",
-                      "message", "kind", "checksum", "collections", "branch_labels", "digest")
+                      "message", "kind", "checksum", "collections", "branch_labels", "digest",
+                      "signature")
 """The columns :func:`descriptor_from_row` reads (besides ``id``): ``rows(ids, *these)``
 skips the payload and undo record when only descriptors are needed."""
 
@@ -155,8 +156,9 @@ def descriptor_from_row(row: Any) -> dict[str, Any]:
     """Rebuild a descriptor from its ledger columns (so any tampered column shows).
 
     Attribute access and orjson: sync and clone rebuild every descriptor they send.
+    The signature, when there is one, is passed on as it arrived (a relay never re-signs).
     """
-    return {
+    d = {
         "id": row.id,
         "partition": row.partition,
         "parents": loads(row.parents),
@@ -171,6 +173,9 @@ def descriptor_from_row(row: Any) -> dict[str, Any]:
         "branch_labels": loads(row.branch_labels),
         "digest": row.digest,
     }
+    if row.signature:
+        d["signature"] = loads(row.signature)
+    return d
 
 
 def write_rows(revs: Iterable[Revision]) -> list[tuple[str, str, str, int, str]]:
@@ -181,6 +186,12 @@ def write_rows(revs: Iterable[Revision]) -> list[tuple[str, str, str, int, str]]
             d = rev.descriptor
             out += [(d["partition"], c, k, d["hlc"][0], d["id"]) for c, k in write_set(rev.ops)]
     return out
+
+
+def signature_text(descriptor: dict[str, Any]) -> str | None:
+    """Return the ledger text of a descriptor's signature (None when unsigned)."""
+    sig = descriptor.get("signature")
+    return None if sig is None else _dumps(sig)
 
 
 def payload_of(row: Any) -> bytes:
@@ -272,7 +283,7 @@ class Ledger(LeaseHolder):
                 d["id"], d["partition"], d["kind"], d["origin"], d["seq"], d["hlc"][0],
                 d["hlc"][1], _dumps(d["parents"]), _dumps(d["depends_on"]), d["message"],
                 d["checksum"], _dumps(d["collections"]), _dumps(d["branch_labels"]),
-                d["digest"], None, rev.payload,
+                d["digest"], signature_text(d), rev.payload,
                 applied.state if applied else st,
                 applied.position if applied else None,
                 _dumps(applied.undo) if applied and applied.undo is not None else None,
@@ -322,6 +333,18 @@ class Ledger(LeaseHolder):
             raw_cursor(self.conn).executemany(
                 f"UPDATE txengine_revisions SET state = {ph} WHERE id = {ph}",
                 [(st, i) for i in ids])
+
+    def strip(self, ids: Sequence[str]) -> None:
+        """Keep only the descriptors of revisions (state ``base``): payload, undo record and
+        key-index rows go. Prune keeps so the parents that later revisions still name."""
+        if ids:
+            ph = placeholder(self.conn)
+            cur = raw_cursor(self.conn)
+            cur.executemany(f"UPDATE txengine_revisions SET state = {ph}, payload = NULL,"
+                            f" undo = NULL, position = NULL WHERE id = {ph}",
+                            [(BASE, i) for i in ids])
+            cur.executemany(f"DELETE FROM txengine_writes WHERE revision = {ph}",
+                            [(i,) for i in ids])
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove revisions that were never sent and are re-issued under a new epoch."""
@@ -383,7 +406,8 @@ class Ledger(LeaseHolder):
         self.conn.execute(
             revisions.update().where(revisions.c.id == d["id"]).values(
                 payload=rev.payload, checksum=d["checksum"], digest=d["digest"],
-                message=d["message"], **{name: _dumps(d[name]) for name in _DESCRIPTOR_JSON},
+                message=d["message"], signature=signature_text(d),
+                **{name: _dumps(d[name]) for name in _DESCRIPTOR_JSON},
             )
         )
 
@@ -554,6 +578,17 @@ class Ledger(LeaseHolder):
             self.conn.execute(state.insert().values(name=name, value=value))
         else:
             self.conn.execute(state.update().where(state.c.name == name).values(value=value))
+
+    def create_state(self, name: str, value: str) -> str:
+        """Set a state row only where it is missing, and commit; return the value that
+        stands (the first writer's, if two raced)."""
+        current = self.get_state(name)
+        if current is None:
+            self.conn.execute(state.insert().values(name=name, value=value))
+            self.conn.commit()
+            return value
+        self.conn.rollback()
+        return str(current)
 
     # -- the apply lease -----------------------------------------------------
     def observe_lease(self) -> None:

@@ -26,7 +26,8 @@ from .exceptions import (
     StoreError,
     TxEngineError,
 )
-from .ledger import BASE, AuditEntry, Ledger, descriptor_from_row, payload_of
+from .keys import KeyInfo, KeyPair, Trust
+from .ledger import BASE, REFUSED, AuditEntry, Ledger, descriptor_from_row, payload_of
 from .ops import Delete, Op, Update, op_from_json
 from .results import (
     Finding,
@@ -38,7 +39,14 @@ from .results import (
     VerifyReport,
 )
 from .revert import remap_expect, revert_ops
-from .revision import DEFAULT_PARTITION, Revision, check_descriptor, check_digest, verify_bytes
+from .revision import (
+    DEFAULT_PARTITION,
+    Revision,
+    Signer,
+    check_descriptor,
+    check_digest,
+    verify_bytes,
+)
 from .stores.sql import SqlStore, configure_engine, create_engine
 from .transaction import Transaction, build_data_revision
 from .values import from_ejson, key_text, sha256, to_ejson
@@ -55,7 +63,8 @@ class Peer:
     """
 
     def __init__(self, engine: sa.Engine | Any, peer_id: str | None = None,
-                 script_location: str | Path | None = None, batch_size: int = 2000) -> None:
+                 script_location: str | Path | None = None, batch_size: int = 2000,
+                 key_file: str | Path | None = None) -> None:
         self._conn: sa.Connection | None = None
         self.sa_engine: sa.Engine | None = None
         self._store: Any
@@ -90,6 +99,12 @@ class Peer:
             self._script_paths: dict[str, Path] = {}
             self._authored: dict[str, Any] = {}
             self._pinned: bool | None = None
+            self._key_file = Path(key_file) if key_file else None
+            self._key: KeyPair | None = None
+            self._root: bytes | None = None
+            self._root_read = False
+            self._enrolments: dict[str, dict[str, Any] | None] = {}
+            self._trust_cache: tuple[Any, Trust] | None = None
             self.max_clock_skew_ms = 5 * 60 * 1000
             """Revisions whose hlc is further ahead of this peer's clock are quarantined."""
             if self._ledger.backfill_writes() is not None:
@@ -103,22 +118,26 @@ class Peer:
 
     @classmethod
     def open(cls, store: str | sa.Engine | Any, peer_id: str | None = None, *,
-             script_location: str | Path | None = None, batch_size: int = 2000) -> Peer:
+             script_location: str | Path | None = None, batch_size: int = 2000,
+             key_file: str | Path | None = None) -> Peer:
         """Open a peer on a store URL or object.
 
         A URL: ``sqlite:///app.db``, a path, PostgreSQL, ``mongodb://host/db``
         (``mongomock://host/db`` for the in-memory test double); an object: a
-        SQLAlchemy Engine or a pymongo (or mongomock) ``Database``.
+        SQLAlchemy Engine or a pymongo (or mongomock) ``Database``. ``key_file``
+        holds this peer's private key (see :attr:`key`).
         """
         from .stores.mongo import is_database, is_mongo_url, open_database
 
         if is_mongo_url(store):
             return cls(open_database(store), peer_id, script_location=script_location,
-                       batch_size=batch_size)
+                       batch_size=batch_size, key_file=key_file)
         if is_database(store):
-            return cls(store, peer_id, script_location=script_location, batch_size=batch_size)
+            return cls(store, peer_id, script_location=script_location, batch_size=batch_size,
+                       key_file=key_file)
         engine = create_engine(store) if isinstance(store, str) else store
-        return cls(engine, peer_id, script_location=script_location, batch_size=batch_size)
+        return cls(engine, peer_id, script_location=script_location, batch_size=batch_size,
+                   key_file=key_file)
 
     def _identity(self, peer_id: str | None) -> str:
         ledger = self._new_ledger("?")
@@ -179,12 +198,14 @@ class Peer:
         self._take_lease()
         if self.pinned:
             raise PinnedPeer()
+        self.key  # noqa: B018 - made or read before the write's transaction, not inside it
 
     def _take_lease(self) -> None:
         """Hold the apply lease; reload what another process may have changed meanwhile."""
         if self._ledger.acquire_lease():
             self._engine.load()
             self._pinned = None
+            self._root_read = False
 
     def transaction(self, message: str, partition: str = DEFAULT_PARTITION) -> Transaction:
         """Start a write: every op inside the ``with`` block becomes one data revision."""
@@ -204,7 +225,10 @@ class Peer:
             raise MalformedPayload("write needs a non-empty JSON list of ops")
         with self.transaction(message, partition) as tx:
             for data in ops:
-                if isinstance(data, dict) and data.get("op") in ("update", "delete"):
+                if (isinstance(data, dict) and data.get("op") in ("update", "delete")
+                        and data.get("cas") is not True):
+                    # expect and before are filled from what is read now; a
+                    # compare-and-set op carries its own, so it goes as written.
                     self._write_checked(tx, data)
                 else:
                     tx.add_op(op_from_json(data))
@@ -421,7 +445,7 @@ class Peer:
         from .revision import build, encode_ops
         rev = build(kind="data", payload=encode_ops([]), partition=partition, parents=parents,
                     origin=engine.origin, seq=engine.next_seq(partition),
-                    hlc=engine.hlc_for(parents), message=message)
+                    hlc=engine.hlc_for(parents), message=message, signer=self.key)
         engine.commit_new(rev, [], {})
         return self.info(rev.id)
 
@@ -450,7 +474,7 @@ class Peer:
     def receive(self, items: Sequence[tuple[dict[str, Any], bytes]]) -> list[str]:
         """Take revisions from another peer (checked, recorded as fetched, not applied)."""
         self._take_lease()
-        return self._engine.receive(items)
+        return self._engine.receive(items, trust=self._trust())
 
     def receive_json(self, lines: Iterable[str]) -> list[str]:
         """Take revisions as JSON lines ``{"descriptor": ..., "payload": "<utf-8 text>"}``."""
@@ -540,6 +564,7 @@ class Peer:
         if self._ledger.lease_token() != self._ledger.token_seen:
             self._engine.load()
             self._pinned = None
+            self._root_read = False
 
     def lease_token(self) -> int:
         """Return the apply lease's fencing token: it grows whenever a process takes the
@@ -553,15 +578,47 @@ class Peer:
 
         return Credentials(self._conn, None if self._conn is not None else self._store.db)
 
-    def peers_add(self, name: str) -> Any:
-        """Let peer ``name`` sync with this store over HTTP; return its token (shown once)."""
-        new = self.credentials().add(name)
-        self._ledger.audit("peers_add", None, detail={"name": name})
+    def peers_add(self, name: str, read: Sequence[str] = (), write: Sequence[str] = ()
+                  ) -> Any:
+        """Let peer ``name`` sync with this store over HTTP; return its token (shown once).
+
+        It may read and write the partitions ``read`` and ``write`` cover, and
+        none until granted: a token alone opens nothing.
+        """
+        from .credentials import check_pattern
+
+        for pattern in (*read, *write):
+            check_pattern(pattern)
+        credentials = self.credentials()
+        new = credentials.add(name)
+        if read or write:
+            credentials.grant(name, read, write)
+        self._ledger.audit("peers_add", None, detail={"name": name, "read": list(read),
+                                                      "write": list(write)})
         self._store.commit()
         return new
 
+    def peers_grant(self, name: str, read: Sequence[str] = (), write: Sequence[str] = ()
+                    ) -> Any:
+        """Let peer ``name`` read and write more partitions (patterns such as ``user:*``);
+        return its :class:`~txengine.credentials.Credential`."""
+        credential = self.credentials().grant(name, read, write)
+        self._ledger.audit("peers_grant", None, detail={"name": name, "read": list(read),
+                                                        "write": list(write)})
+        self._store.commit()
+        return credential
+
+    def peers_revoke_grant(self, name: str, read: Sequence[str] = (), write: Sequence[str] = ()
+                           ) -> Any:
+        """Take grants back from peer ``name``: its next request sees only what is left."""
+        credential = self.credentials().revoke_grant(name, read, write)
+        self._ledger.audit("peers_revoke_grant", None, detail={
+            "name": name, "read": list(read), "write": list(write)})
+        self._store.commit()
+        return credential
+
     def peers_list(self) -> list[Any]:
-        """Return the peers that hold a token for this store."""
+        """Return the peers that hold a token for this store, with their grants."""
         return list(self.credentials().list())
 
     def peers_remove(self, name: str) -> None:
@@ -615,7 +672,7 @@ class Peer:
     def clone(cls, source: str | Any, store: str | Any, peer_id: str | None = None, *,
               partition: str | None = None, source_peer_id: str | None = None,
               progress: ProgressCallback | None = None, batch_size: int = 2000,
-              from_checkpoint: bool = False) -> Peer:
+              from_checkpoint: bool = False, key_file: str | Path | None = None) -> Peer:
         """Bootstrap a new peer on the empty ``store`` by replay of ``source``'s revisions.
 
         The source's revisions (those of ``partition`` only, when given) go
@@ -625,17 +682,22 @@ class Peer:
         source's newest checkpoint instead: its snapshot is loaded (checked
         against the checkpoint's digest) and only what follows is replayed
         (see :mod:`txengine.checkpoint`). Payloads move ``batch_size`` a message,
-        each batch one commit. Returns the new, open peer (close it).
+        each batch one commit. The new peer installs the source's root key,
+        if it has one, before the first descriptor arrives, so what it replays
+        is verified as any sync would. Returns the new, open peer (close it).
         """
         from .sync import Side
         from .transport import bundle
 
-        new = cls.open(store, peer_id)
+        new = cls.open(store, peer_id, key_file=key_file)
         try:
             if len(new._engine.graph):
                 raise InvalidInput(f"store {store!r} already holds {len(new._engine.graph)}"
                                    " revisions: clone needs an empty store")
             with cls.open(source, source_peer_id) as origin:
+                root = origin.root_key()
+                if root is not None and new.root_key() is None:
+                    new.install_root(root)  # trust the source's anchor: the clone chose it
                 since = None
                 if from_checkpoint:
                     from .checkpoint import bootstrap_from
@@ -660,15 +722,17 @@ class Peer:
         engine = self._engine
         counts = self._ledger.count_states()
         unsent = 0
-        for partition in engine.held.partitions():
-            top = engine.held.highest(partition, self.origin)
+        held, graph = engine.held, engine.graph
+        for partition in held.partitions():
+            top = held.highest(partition, self.origin)
             if top:
                 sent = int(self._ledger.get_state(f"sent:{self.origin}:{partition}") or 0)
-                unsent += max(0, top - sent)
+                unsent += sum(1 for seq in range(sent + 1, top + 1)  # refused ones never go
+                              if held.get(partition, self.origin, seq) in graph)
         self._store.rollback()
         return Status(self.peer_id, self.origin, unsent, counts.get("announced", 0),
                       len(engine.graph) - len(engine.applied), len(engine.conflicted),
-                      counts.get("quarantined", 0), self.pinned)
+                      counts.get("quarantined", 0), self.pinned, counts.get(REFUSED, 0))
 
     def trust_sequencer(self, peer_id: str, partition: str = DEFAULT_PARTITION) -> None:
         """Name the peer whose barriers this peer accepts from sync for ``partition``.
@@ -687,6 +751,172 @@ class Peer:
             self._store.rollback()
         return named
 
+    # -- keys and trust -----------------------------------------------------------------
+    @property
+    def key(self) -> KeyPair:
+        """This peer's Ed25519 key pair, made at first use; it signs every revision this
+        peer originates.
+
+        It lives in ``key_file`` when one is given (alembic.ini ``key_file``), else
+        next to a SQLite database file (``app.db.key``, mode 0600), else (PostgreSQL,
+        MongoDB, in-memory SQLite) in the store's local ``txengine_state`` table,
+        which is never synced: the trade-off is that a database backup holds it.
+        """
+        if self._key is None:
+            self._key = self._load_key()
+        return self._key
+
+    def _load_key(self) -> KeyPair:
+        from .keys import load_or_create
+
+        path = self._key_file or self._key_beside_store()
+        if path is not None:
+            return load_or_create(path)
+        pem = self._ledger.create_state("private_key", KeyPair.generate().to_pem().decode())
+        return KeyPair.from_pem(pem.encode("ascii"), "this store's private_key state row")
+
+    def _key_beside_store(self) -> Path | None:
+        if self.sa_engine is None or self.sa_engine.dialect.name != "sqlite":
+            return None
+        database = self.sa_engine.url.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        path = Path(database)
+        return path.with_name(path.name + ".key")
+
+    def root_key(self) -> str | None:
+        """Return the deployment's root public key installed here (base64), or None: the
+        peer then runs in open mode and checks no signature."""
+        from .keys import public_text
+
+        root = self._root_public()
+        return None if root is None else public_text(root)
+
+    def key_info(self) -> KeyInfo:
+        """Return this peer's key id and public key (what the root enrolls)."""
+        return KeyInfo(self.peer_id, self.key.id, self.key.public_text)
+
+    def enrolled(self) -> list[KeyInfo]:
+        """Return the keys the root enrolled, as this peer knows them (none in open mode)."""
+        from .keys import public_text
+
+        trust = self._trust()
+        if trust is None:
+            return []
+        enrolment = trust.enrolment
+        return [KeyInfo(peer, kid, public_text(public), enrolment.revoked.get(kid))
+                for kid, (peer, public) in sorted(enrolment.keys.items(),
+                                                  key=lambda item: (item[1][0], item[0]))]
+
+    def _root_public(self) -> bytes | None:
+        if not self._root_read:
+            from .keys import public_from_text
+
+            text = self._ledger.get_state("root_key")
+            self._store.rollback()
+            self._root = None if text is None else public_from_text(text)
+            self._root_read = True
+        return self._root
+
+    def install_root(self, public: str) -> None:
+        """Install the deployment's root public key (the trust anchor).
+
+        From then on this peer refuses, on arrival, unsigned revisions and those
+        whose signer the root has not enrolled for their origin. Installing the
+        same key again does nothing; another one is refused, since every
+        enrolment hangs on it.
+        """
+        from .keys import key_id, public_from_text, public_text
+
+        raw = public_from_text(public)
+        current = self._root_public()
+        if current == raw:
+            return
+        if current is not None:
+            raise ConfigError(f"this peer already trusts root key {key_id(current)}, not"
+                              f" {key_id(raw)}: a root key is installed once, at init or clone")
+        self._ledger.set_state("root_key", public_text(raw))
+        self._ledger.audit("install_root", None, detail={"key": key_id(raw)})
+        self._store.commit()
+        self._root, self._root_read = raw, True
+        self._enrolments.clear()
+
+    def enroll(self, root: KeyPair, keys: dict[str, str], partition: str = DEFAULT_PARTITION,
+               message: str = "enroll", sequencer: str | None = None) -> RevisionInfo:
+        """Enroll peer keys (``{peer id: public key}``) in a config revision signed by the
+        root key, optionally naming the partition's ``sequencer``; installs the root
+        here when no root is installed yet."""
+        from .keys import public_from_text
+
+        for text in keys.values():
+            public_from_text(text)
+        return self._root_config(root, {"enroll": dict(keys), "sequencer": sequencer},
+                                 partition, message)
+
+    def revoke(self, root: KeyPair, key_ids: Sequence[str], partition: str = DEFAULT_PARTITION,
+               message: str = "revoke") -> RevisionInfo:
+        """Revoke peer keys by id in a config revision signed by the root key: their
+        revisions outside this barrier's ancestry are refused from then on."""
+        return self._root_config(root, {"revoke": list(key_ids)}, partition, message)
+
+    def _root_config(self, root: KeyPair, body: dict[str, Any], partition: str,
+                     message: str) -> RevisionInfo:
+        from .keys import public_text
+        from .policy import encode_config
+
+        named = self._sequencer(partition)
+        if named is not None and named != self.peer_id:
+            raise ConfigError(f"only the sequencer of partition {partition!r} ({named!r}) may"
+                              " write config revisions: run this there")
+        self.install_root(public_text(root.public))
+        self._before_write()
+        payload = encode_config(enroll=body.get("enroll"), revoke=body.get("revoke"),
+                                sequencer=body.get("sequencer"))
+        return self.info(self._issue_barrier("config", partition, payload, message, root).id)
+
+    def _trust(self) -> Trust | None:
+        """Return this peer's trust view, or None in open mode (no root key installed).
+
+        Rebuilt only when the set of config revisions changes; each config is
+        decoded, and its root signature verified, once per process.
+        """
+        root = self._root_public()
+        if root is None:
+            return None
+        graph = self._engine.graph
+        configs = tuple(b for b in graph.barriers() if graph.get(b).kind == "config")
+        if self._trust_cache is None or self._trust_cache[0] != (root, configs):
+            self._trust_cache = ((root, configs),
+                                 Trust(root, self._enrolment(root, configs), self._sequencer))
+        return self._trust_cache[1]
+
+    def _enrolment(self, root: bytes, configs: Sequence[str]) -> Any:
+        from .keys import Enrolment, key_id, verify
+        from .policy import decode_config
+        from .values import loads
+
+        missing = [c for c in configs if c not in self._enrolments]
+        if missing:
+            rows = self._ledger.rows(missing, "payload", "signature", "digest")
+            self._store.rollback()
+            for c in missing:
+                row = rows[c]
+                try:
+                    body = decode_config(payload_of(row))
+                except TxEngineError:  # refused at intake; never enrolls anyone
+                    body = {}
+                sig = loads(row.signature) if row.signature else None
+                by_root = (sig is not None and sig["key"] == key_id(root)
+                           and verify(root, row.digest, sig))
+                self._enrolments[c] = body if by_root and (
+                    "enroll" in body or "revoke" in body) else None
+        enrolment = Enrolment()
+        for c in configs:
+            body = self._enrolments[c]
+            if body is not None:
+                enrolment.add(c, body)
+        return enrolment
+
     def configure(self, partition: str = DEFAULT_PARTITION, *,
                   policies: dict[str, str] | None = None, default: str | None = None,
                   sync: Sequence[str] | None = None, sequencer: str | None = None,
@@ -694,27 +924,37 @@ class Peer:
         """Write a ``config`` revision (a barrier): conflict policies, synced collections,
         sequencer. Only the partition's sequencer may, or anyone while none is named."""
         from .policy import encode_config
-        from .revision import build
 
         named = self._sequencer(partition)
         if named is not None and named != self.peer_id:
             raise ConfigError(f"only the sequencer of partition {partition!r} ({named!r}) may"
                               " write config revisions")
         self._before_write()
+        payload = encode_config(policies, default, list(sync) if sync is not None else None,
+                                sequencer)
+        return self.info(self._issue_barrier("config", partition, payload, message).id)
+
+    def _issue_barrier(self, kind: str, partition: str, payload: bytes, message: str,
+                       signer: Signer | None = None) -> Revision:
+        """Record and integrate a barrier of this peer (config, checkpoint).
+
+        Its parents are the partition's integrated heads and its hlc is above
+        every known barrier, so it never sorts before one (intake refuses that).
+        """
+        from .revision import build
+
         engine = self._engine
         graph = engine.graph
         parents = engine.parents_for(partition)
         above = [graph.get(p).hlc for p in parents] + [graph.get(b).hlc
                                                        for b in graph.barriers()]
-        payload = encode_config(policies, default, list(sync) if sync is not None else None,
-                                sequencer)
-        rev = build(kind="config", payload=payload, partition=partition, parents=parents,
+        rev = build(kind=kind, payload=payload, partition=partition, parents=parents,
                     origin=engine.origin, seq=engine.next_seq(partition),
                     hlc=engine.clock.tick(above), message=message,
-                    rev_id=f"config_{secrets.token_hex(8)}")
+                    rev_id=f"{kind}_{secrets.token_hex(8)}", signer=signer or self.key)
         engine.receive([(rev.descriptor, rev.payload)], trusted=True)
         self._integrate()
-        return self.info(rev.id)
+        return rev
 
     def _integrate(self) -> list[Step]:
         self._take_lease()
@@ -768,6 +1008,34 @@ class Peer:
                 admit.add(rev_id)
                 stack.extend(engine.quarantined[rev_id].parents)
         self._promote(sorted(admit), "admitted by a barrier")
+
+    def _refused_by_remote(self, reasons: dict[str, str]) -> list[str]:
+        """Roll back revisions a server refused (no write grant), with what depends on
+        them, and keep them as refused; return their ids in canonical order.
+
+        Device and server must never silently disagree: data the server will
+        not take must not stay here as if it were shared. The rows stay, in
+        state ``refused`` (``status().refused``, the audit says why), so their
+        (origin, seq) slots are never reused for other revisions; they leave
+        the graph, so they are neither sent again nor parents of new writes.
+        """
+        engine, graph = self._engine, self._engine.graph
+        self._take_lease()
+        known = [r for r in reasons if r in graph]
+        if not known:
+            return []
+        refused = graph.canonical_order(graph.descendants(known))
+        engine.run(engine._with_redo(add=[], remove=[r for r in refused if r in engine.applied]),
+                   "refuse")
+        self._ledger.set_states(refused, REFUSED)
+        from .sync import DEPENDS_ON_REFUSED
+
+        self._ledger.audit_many([("refused", r, "refused", 0.0,
+                                  {"reason": reasons.get(r, DEPENDS_ON_REFUSED)})
+                                 for r in refused])
+        self._store.commit()
+        engine.load()
+        return refused
 
     def _reissue(self, kept: set[str]) -> dict[str, str]:
         """Move to a new epoch and re-issue this origin's revisions the other side lacks.
@@ -883,8 +1151,8 @@ class Peer:
         path.write_text(text, "utf-8")
         script = load_authored(path)
         self._take_lease()
-        self._engine.receive([(script.revision.descriptor, script.revision.payload)],
-                             trusted=True)
+        signed = self._signed_script(script.revision)
+        self._engine.receive([(signed.descriptor, signed.payload)], trusted=True)
         self._script_paths[rev_id] = path
         self._authored[rev_id] = script
         return NewScript(rev_id, path, tuple(parents), tuple(branch_label), tuple(deps))
@@ -916,9 +1184,10 @@ class Peer:
             paths[rev.id] = path
             self._authored[rev.id] = script
             if rev.id not in graph:
-                fresh.append((rev.descriptor, rev.payload))
+                signed = self._signed_script(rev)
+                fresh.append((signed.descriptor, signed.payload))
             elif rev.id not in applied:
-                changed.append(rev)
+                changed.append(self._signed_script(rev))
         self._script_paths = paths
         if fresh:
             self._take_lease()
@@ -927,6 +1196,16 @@ class Peer:
             self._ledger.update_payload(rev)
         if changed:
             self._store.commit()
+
+    def _signed_script(self, rev: Revision) -> Revision:
+        """Sign an authored script this peer wrote, or one it loads as the sequencer of its
+        partition: other peers run code only when the sequencer signed it."""
+        from .keys import peer_of
+
+        d = rev.descriptor
+        if self.peer_id not in (peer_of(d["origin"]), self._sequencer(d["partition"])):
+            return rev
+        return Revision({**d, "signature": self.key.sign(d["digest"])}, rev.payload)
 
     def authored(self, rev_id: str) -> Any | None:
         """Return the authored script of ``rev_id`` from the script location, or None."""
@@ -996,6 +1275,21 @@ class Peer:
         from .checkpoint import issue
 
         return issue(self, partition, message)
+
+    def prune(self, before: str, archive: str | Path | None = None) -> Any:
+        """Drop the history before checkpoint ``before`` from the ledger, archiving it
+        first to the bundle file ``archive`` when given.
+
+        The peer then holds the partition as a peer cloned from that
+        checkpoint does: data, audit and everything after the checkpoint stay;
+        it still syncs, and accepts revisions written offline before the
+        checkpoint (their parents stay as descriptor-only rows). Returns a
+        :class:`~txengine.checkpoint.PruneInfo`.
+        """
+        from .checkpoint import prune
+
+        self._before_write()
+        return prune(self, before, archive)
 
     def write_snapshot(self, checkpoint: str, path: str | Path,
                        progress: ProgressCallback | None = None) -> Any:

@@ -3,9 +3,12 @@
 A ``config`` revision is a barrier whose payload is canonical JSON::
 
     {"policies": {"orders": "reject", "notes": "resolver:keep_longest"},
-     "default": "rules", "sync": ["orders", "notes"] | null, "sequencer": "hub"}
+     "default": "rules", "sync": ["orders", "notes"] | null, "sequencer": "hub",
+     "enroll": {"phone": "<base64 public key>"}, "revoke": ["<key id>"]}
 
-Every field is optional; a later config (in canonical order) overrides the
+Every field is optional; ``enroll`` and ``revoke`` count only in a config
+signed by the deployment's root key (see :mod:`txengine.keys`), and
+accumulate instead of overriding. a later config (in canonical order) overrides the
 fields it names. With no config revision the built-in default holds, the same
 on every peer: the rules of DESIGN.md for every collection, every collection
 synced, and no sequencer (so no barrier is accepted from sync).
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .exceptions import ConfigError, MalformedPayload
+from .keys import public_from_text
 from .ops import Op, State
 from .values import canonical
 
@@ -96,7 +100,8 @@ DEFAULT = Policy()
 
 def encode_config(policies: dict[str, str] | None = None, default: str | None = None,
                   sync: list[str] | None = None, sequencer: str | None = None,
-                  clear_sync: bool = False) -> bytes:
+                  clear_sync: bool = False, enroll: dict[str, str] | None = None,
+                  revoke: list[str] | None = None) -> bytes:
     """Return the canonical payload of a config revision (only the fields given)."""
     body: dict[str, Any] = {}
     if policies:
@@ -107,6 +112,10 @@ def encode_config(policies: dict[str, str] | None = None, default: str | None = 
         body["sync"] = None if sync is None else sorted(sync)
     if sequencer is not None:
         body["sequencer"] = sequencer
+    if enroll:
+        body["enroll"] = dict(enroll)
+    if revoke:
+        body["revoke"] = sorted(revoke)
     return canonical(body)
 
 
@@ -116,9 +125,18 @@ def decode_config(payload: bytes) -> dict[str, Any]:
         body = json.loads(payload)
     except ValueError as exc:
         raise MalformedPayload(f"config payload is not JSON: {exc}") from exc
-    if not isinstance(body, dict) or set(body) - {"policies", "default", "sync", "sequencer"}:
-        raise MalformedPayload("a config payload is an object with policies, default, sync"
-                               " and sequencer")
+    if not isinstance(body, dict) or set(body) - {"policies", "default", "sync", "sequencer",
+                                                  "enroll", "revoke"}:
+        raise MalformedPayload("a config payload is an object with policies, default, sync,"
+                               " sequencer, enroll and revoke")
+    enroll, revoke = body.get("enroll", {}), body.get("revoke", [])
+    if not (isinstance(enroll, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in enroll.items())):
+        raise MalformedPayload("config enroll must map peer ids to public keys")
+    for text in enroll.values():
+        public_from_text(text)
+    if not (isinstance(revoke, list) and all(isinstance(k, str) for k in revoke)):
+        raise MalformedPayload("config revoke must be a list of key ids")
     for p in body.get("policies", {}).values():
         _check_policy(p)
     if "default" in body:

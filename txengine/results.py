@@ -120,6 +120,9 @@ class Status:
     conflicted: int
     quarantined: int
     pinned: bool
+    refused: int = 0
+    """Revisions written here that a server refused (no write grant) and this peer rolled
+    back: kept in the ledger to show, never sent again."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

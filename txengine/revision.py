@@ -5,18 +5,28 @@
   (and, for a data revision, without ``id``): it covers the parents' ids, so
   the graph is a Merkle chain, as in git;
 * a data revision's ``id`` is its digest. Script, checkpoint and config
-  revisions keep the id they were authored with (frozen into their file).
+  revisions keep the id they were authored with (frozen into their file);
+* ``signature`` (optional, ``{"key": key id, "sig": base64}``) is the
+  origin's signature of the digest: it travels beside the descriptor and is
+  not part of the digest, so a relay passes it on unchanged (see keys.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 from .exceptions import ChecksumMismatch, DigestMismatch, MalformedPayload, OversizePayload
 from .ops import Op, op_from_json, op_from_trusted
 from .values import canonical, loads, sha256
+
+
+class Signer(Protocol):
+    """What signs a digest (a :class:`txengine.keys.KeyPair`)."""
+
+    def sign(self, digest: str) -> dict[str, str]: ...
+
 
 KINDS = ("data", "script", "checkpoint", "config")
 BARRIER_KINDS = frozenset({"script", "checkpoint", "config"})
@@ -29,11 +39,14 @@ FIELDS = (
     "id", "partition", "parents", "depends_on", "origin", "seq", "hlc", "message", "kind",
     "checksum", "collections", "branch_labels", "digest",
 )
+OPTIONAL_FIELDS = ("signature",)
+SIGNATURE_FIELDS = frozenset({"key", "sig"})
 
 
 def compute_digest(descriptor: dict[str, Any]) -> str:
-    """Return the digest of a descriptor: SHA-256 of its canonical form without ``digest``."""
-    body = {k: v for k, v in descriptor.items() if k != "digest"}
+    """Return the digest of a descriptor: SHA-256 of its canonical form without ``digest``
+    (nor ``signature``, which signs the digest)."""
+    body = {k: v for k, v in descriptor.items() if k != "digest" and k != "signature"}
     if body.get("kind") == "data":
         body.pop("id", None)
     return sha256(canonical(body))
@@ -140,7 +153,7 @@ def check_descriptor(descriptor: Any) -> dict[str, Any]:
     if not isinstance(descriptor, dict):
         raise MalformedPayload("a descriptor must be a JSON object")
     missing = [f for f in FIELDS if f not in descriptor]
-    extra = set(descriptor) - set(FIELDS)
+    extra = set(descriptor) - set(FIELDS) - set(OPTIONAL_FIELDS)
     if missing or extra:
         raise MalformedPayload(
             f"descriptor fields wrong: missing {missing}, unexpected {sorted(extra)}"
@@ -161,7 +174,13 @@ def check_descriptor(descriptor: Any) -> dict[str, Any]:
     for name in ("partition", "origin", "message", "checksum", "digest"):
         if not isinstance(d[name], str):
             raise MalformedPayload(f"descriptor {name} must be a string")
-    if len(canonical(d)) > MAX_DESCRIPTOR_BYTES:
+    sig = d.get("signature")
+    if sig is not None:
+        if not (isinstance(sig, dict) and set(sig) == SIGNATURE_FIELDS
+                and all(isinstance(v, str) and 0 < len(v) <= 200 for v in sig.values())):
+            raise MalformedPayload('descriptor signature must be {"key": key id, "sig": base64}')
+    body = d if sig is None else {k: v for k, v in d.items() if k != "signature"}
+    if len(canonical(body)) > MAX_DESCRIPTOR_BYTES:  # the signature beside it not counted
         raise MalformedPayload(f"descriptor exceeds {MAX_DESCRIPTOR_BYTES} bytes")
     return d
 
@@ -180,8 +199,10 @@ def build(
     depends_on: list[str] = (),  # type: ignore[assignment]
     branch_labels: list[str] = (),  # type: ignore[assignment]
     rev_id: str | None = None,
+    signer: Signer | None = None,
 ) -> Revision:
-    """Assemble a revision and compute its checksum, digest and (for data) id."""
+    """Assemble a revision and compute its checksum, digest, (for data) id and, with
+    ``signer``, the signature of its digest."""
     descriptor: dict[str, Any] = {
         "id": rev_id or "",
         "partition": partition,
@@ -201,4 +222,6 @@ def build(
         descriptor["id"] = descriptor["digest"]
     else:
         check_id(descriptor["id"])
+    if signer is not None:
+        descriptor["signature"] = signer.sign(descriptor["digest"])
     return Revision(descriptor, payload)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -19,7 +20,7 @@ from alembic.operations import Operations
 
 from .exceptions import UntrustedScript
 from .revision import Revision
-from .scripts import AuthoredScript
+from .scripts import AuthoredScript, parse_authored
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -47,6 +48,9 @@ class ScriptOp:
 def run_authored(peer: Peer, rev: Revision, direction: str) -> str | None:
     """Run ``upgrade`` or ``downgrade`` of a script revision; return a note when skipped."""
     known = peer.authored(rev.id)
+    if known is None and rev.descriptor.get("signature") and peer._trust() is not None:
+        # Arrived by sync on a rooted peer: intake took it only signed by the sequencer.
+        known = parse_authored(rev.payload, Path(f"synced_{rev.id}.py"))
     if known is None:
         raise UntrustedScript(
             f"script revision {rev.id} is not in this peer's script location"

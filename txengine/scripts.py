@@ -462,8 +462,13 @@ def load_authored(path: Path) -> AuthoredScript:
     The payload is the file's bytes, so the checksum covers the code that runs;
     the descriptor depends only on the header, so every peer gets the same one.
     """
+    return parse_authored(path.read_bytes(), path)
+
+
+def parse_authored(payload: bytes, path: Path) -> AuthoredScript:
+    """Build an authored script from its bytes (a file's, or a signed revision's payload
+    that arrived by sync: ``path`` then only names it in messages)."""
     where = str(path)
-    payload = path.read_bytes()
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:

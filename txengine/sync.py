@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from .clock import wall_ms
 from .engine import Progress, ProgressCallback
+from .exceptions import UnknownSigner
 from .intake import Refusal, check_announced, check_fetched
 from .ledger import (
     CONFLICTED,
@@ -62,6 +63,14 @@ Channel = Callable[[list[bytes]], list[bytes]]
 
 TIP = 16
 """Characters of a tip id carried in vectors (enough to tell a fork from a match)."""
+
+FORBIDDEN_PARTITION = "forbidden_partition"
+"""The code of a refusal for a partition the sender may not write: its origin rolls it back."""
+
+DEPENDS_ON_REFUSED = "depends on a revision the server refused"
+
+Access = Callable[[str], bool]
+"""Whether the other side may read (or write) a partition; a server passes its grants."""
 
 
 @dataclass(frozen=True)
@@ -135,12 +144,23 @@ class Side:
     the payloads this side asked for (from the descriptors), ``done`` those
     that arrived; ``done == total`` is reported only by :meth:`finish`, once
     they are integrated.
+
+    ``may_read`` and ``may_write`` filter by partition what the other side
+    gets and gives (a server passes the token's grants; by default, all).
+    The other side receives descriptors, payloads and ids only of partitions
+    it may read, and vectors of those it may read or write (a writer needs
+    them to send only what is missing, and learns ids and counters, no
+    data); a revision of a partition it may not write is refused with code
+    :data:`FORBIDDEN_PARTITION` and reported, so its origin rolls it back.
     """
 
     def __init__(self, peer: Peer, batch_size: int = 500,
                  events: EventCallback | None = None,
-                 progress: ProgressCallback | None = None) -> None:
+                 progress: ProgressCallback | None = None, *,
+                 may_read: Access | None = None, may_write: Access | None = None) -> None:
         self.peer = peer
+        self.may_read: Access = may_read or _anything
+        self.may_write: Access = may_write or _anything
         self.engine = peer._engine
         self.batch_size = batch_size
         self.events = events
@@ -152,6 +172,9 @@ class Side:
         checked (digest included) and at hand, so their payloads need no ledger read."""
         self._wanted: set[str] = set()
         self._arrived: set[str] = set()
+        self.postponed: dict[str, tuple[dict[str, Any], Refusal]] = {}
+        """Descriptors whose signer is not enrolled *yet*: checked again after each leg of
+        payloads (an enrolling config may be among them), refused by :meth:`finish`."""
 
     def _emit(self, kind: str, revision: str | None, **detail: Any) -> None:
         if self.events is not None:
@@ -163,6 +186,8 @@ class Side:
         held = self.engine.held
         vectors, tips = {}, {}
         for partition in sorted(held.partitions()):
+            if not (self.may_read(partition) or self.may_write(partition)):
+                continue
             vector = held.vector(partition)
             vectors[partition] = vector
             tips[partition] = {o: (held.get(partition, o, s) or "")[:TIP]
@@ -199,6 +224,7 @@ class Side:
             ack = self.vector()
             ack["type"] = "ack"
             out.append(ack)
+            out += self._recheck()
         return out
 
     def answer_vector(self, message: Message) -> list[Message]:
@@ -214,7 +240,9 @@ class Side:
         held, graph = self.engine.held, self.engine.graph
         ids: list[str] = []
         for partition in sorted(held.partitions()):
-            ids += [r for r in held.after(partition, vectors.get(partition, {})) if r in graph]
+            if self.may_read(partition):
+                ids += [r for r in held.after(partition, vectors.get(partition, {}))
+                        if r in graph]
         if ids:
             rows = self.peer._ledger.rows(ids, *DESCRIPTOR_COLUMNS)
             self.peer._store.rollback()
@@ -248,7 +276,7 @@ class Side:
     def _on_have(self, message: Message) -> Message:
         ids = [str(i) for i in message.get("ids", [])]
         return {"type": "had", "origin": message.get("origin"),
-                "ids": [i for i in ids if i in self.engine.graph]}
+                "ids": [i for i in ids if i in self.engine.graph and self._readable(i)]}
 
     def _on_had(self, message: Message) -> list[Message]:
         if message.get("origin") != self.engine.origin:
@@ -260,14 +288,17 @@ class Side:
 
     # -- descriptors ---------------------------------------------------------------
     def _on_descriptors(self, message: Message) -> list[Message]:
-        items = message.get("items", [])
-        if message.get("parents") and self.engine.bases:
+        items, forbidden = self._writable(message.get("items", []))
+        parents = self._writable(message.get("parents") or [])[0]
+        if parents and self.engine.bases:
             from .checkpoint import record_parents
 
-            record_parents(self.peer, message["parents"])
-        fresh, refused = check_announced(self.engine, items, self.peer._sequencer)
+            record_parents(self.peer, parents)
+        fresh, refused = check_announced(self.engine, items, self.peer._sequencer,
+                                         self.peer._trust())
+        refused = self._postpone(items, refused)
         ledger = self.peer._ledger
-        self._refuse(refused)
+        self._refuse(forbidden + refused)
         if fresh:
             ledger.announce_many(fresh)
             ledger.audit_many([("announce", d["id"], "ok", 0.0, {"origin": d["origin"]})
@@ -287,6 +318,56 @@ class Side:
         self._report_progress()
         return [{"type": "want", "ids": want}] if want else []
 
+    def _postpone(self, items: list[Any], refused: list[Refusal]) -> list[Refusal]:
+        """Hold back the descriptors refused because their signer is unknown: the config
+        that enrolls it may come with this exchange's payloads. Return the other refusals."""
+        raw = {d.get("id"): d for d in items if isinstance(d, dict)}
+        rest = []
+        for r in refused:
+            if r.code == UnknownSigner.code and r.revision in raw:
+                self.postponed[r.revision] = (raw[r.revision], r)
+            else:
+                rest.append(r)
+        return rest
+
+    def _recheck(self) -> list[Message]:
+        """Check postponed descriptors again; return a ``want`` for those now accepted,
+        and again for wanted payloads that came before their parents did (their
+        children among them: they waited for the postponed parents)."""
+        if not self.postponed:
+            return []
+        items = [d for d, _refusal in self.postponed.values()]
+        self.postponed = {}
+        replies = self._on_descriptors({"type": "descriptors", "items": items})
+        accepted = [i for m in replies if m["type"] == "want" for i in m["ids"]]
+        if not accepted:
+            return []
+        waiting = sorted(self._wanted - self._arrived - set(accepted))
+        return [{"type": "want", "ids": accepted + waiting}]
+
+    def _writable(self, items: list[Any]) -> tuple[list[Any], list[Refusal]]:
+        """Split descriptors into those the other side may write and refusals of the rest
+        (shapes are left to intake, which refuses a bad one on its own)."""
+        if self.may_write is _anything:
+            return items, []
+        kept: list[Any] = []
+        forbidden: list[Refusal] = []
+        for d in items:
+            partition = d.get("partition") if isinstance(d, dict) else None
+            if isinstance(partition, str) and not self.may_write(partition):
+                forbidden.append(Refusal(
+                    str(d.get("id")), f"{self.other or 'the sender'} may not write partition"
+                    f" {partition!r}: the server's admin grants it with `txengine peers grant"
+                    f" {self.other or 'NAME'} --write {partition}`", d.get("origin"),
+                    FORBIDDEN_PARTITION))
+            else:
+                kept.append(d)
+        return kept, forbidden
+
+    def _readable(self, rev_id: str) -> bool:
+        partition = self.engine.partition.get(rev_id)
+        return partition is not None and self.may_read(partition)
+
     def _refuse(self, refused: list[Refusal]) -> None:
         if not refused:
             return
@@ -302,7 +383,8 @@ class Side:
     # -- payloads ------------------------------------------------------------------
     def answer_want(self, message: Message) -> list[Message]:
         """Answer a list of wanted ids with their payloads, in batches."""
-        ids = [str(i) for i in message.get("ids", []) if str(i) in self.engine.graph]
+        ids = [str(i) for i in message.get("ids", [])
+               if str(i) in self.engine.graph and self._readable(str(i))]
         out = []
         for i in range(0, len(ids), self.batch_size):
             chunk = ids[i:i + self.batch_size]
@@ -327,17 +409,28 @@ class Side:
             self.peer._store.rollback()
             announced.update((r, descriptor_from_row(row)) for r, row in rows.items()
                              if row.state == "announced")
+        announced, forbidden = self._writable_payloads(announced)
+        self._refuse(forbidden)
         order = sorted(announced, key=lambda r: (*announced[r]["hlc"], announced[r]["origin"], r))
         for i in range(0, len(order), self.batch_size):
             chunk = order[i:i + self.batch_size]
             self._take_payloads({r: announced[r] for r in chunk}, {r: payloads[r] for r in chunk})
+
+    def _writable_payloads(self, announced: dict[str, dict[str, Any]]
+                           ) -> tuple[dict[str, dict[str, Any]], list[Refusal]]:
+        """Keep the payloads of partitions the other side may write (another peer may have
+        announced the revision; its payload is still a write from this sender)."""
+        if self.may_write is _anything:
+            return announced, []
+        kept, forbidden = self._writable(list(announced.values()))
+        return {d["id"]: d for d in kept}, forbidden
 
     def _take_payloads(self, announced: dict[str, dict[str, Any]], payloads: dict[str, bytes]
                        ) -> None:
         ledger = self.peer._ledger
         horizon = max(wall_ms(), self.engine.clock.last[0]) + self.peer.max_clock_skew_ms
         good, held, refused = check_fetched(self.engine, announced, payloads, horizon,
-                                            self._checked)
+                                            self._checked, trust=self.peer._trust())
         self._refuse(refused)
         if good and not held and not self.peer.pinned and self._apply_arrived(good):
             return
@@ -386,6 +479,27 @@ class Side:
         if self.progress is not None and total and (final or done < total):
             self.progress(Progress("fetch", done, total))
 
+    def take_refusals(self, refusals: Iterable[Refusal]) -> list[str]:
+        """Roll back this peer's own revisions the other side refused for lack of write
+        permission, with what depends on them, and keep them as refused
+        (:meth:`Peer._refused_by_remote`); return the ids, in canonical order.
+
+        Only the origin does: a relayed revision stays, since its writer may
+        hold the grant this peer lacks.
+        """
+        mine = {r.revision: r.reason for r in refusals
+                if r.code == FORBIDDEN_PARTITION and r.origin == self.engine.origin}
+        if not mine:
+            return []
+        applied = set(self.engine.applied)
+        refused = self.peer._refused_by_remote(mine)
+        for rev_id in refused:
+            if rev_id in applied:
+                self.report.rolled_back.append(rev_id)
+                self._emit("rolled_back", rev_id)
+            self._emit("refused", rev_id, reason=mine.get(rev_id, DEPENDS_ON_REFUSED))
+        return refused
+
     def _on_ack(self, message: Message) -> None:
         origin = self.engine.origin
         for partition, vector in message.get("vectors", {}).items():
@@ -394,6 +508,8 @@ class Side:
     # -- integration -----------------------------------------------------------------
     def finish(self) -> None:
         """Integrate what was fetched (unless the peer is pinned by a downgrade)."""
+        self._refuse([refusal for _d, refusal in self.postponed.values()])
+        self.postponed = {}
         self.peer._release_quarantine()
         if self.peer.pinned:
             self._report_progress(final=True)
@@ -414,6 +530,10 @@ class Side:
                 if step.revision not in undone:
                     self.report.applied.append(step.revision)
         self._report_progress(final=True)
+
+
+def _anything(partition: str) -> bool:
+    return True
 
 
 def exchange(local: Side, remote: Side, channel: Channel | None = None,

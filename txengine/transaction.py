@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .exceptions import DocumentNotFound, InvalidInput
 from .ops import SELF, Delete, Op, State, apply_op, op_from_json, write_key
 from .revision import Revision, build, encode_ops
-from .values import from_ejson, to_ejson
+from .values import document_to_ejson, from_ejson, to_ejson
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -79,7 +79,7 @@ class Transaction:
         """Insert a document (``_id`` is its key); an existing one is replaced."""
         if not isinstance(doc, dict) or "_id" not in doc:
             raise InvalidInput("insert needs a dict with an _id (str, int or ObjectId)")
-        self._add({"op": "insert", "collection": collection, "doc": to_ejson(doc)})
+        self._add({"op": "insert", "collection": collection, "doc": document_to_ejson(doc)})
 
     def update(self, collection: str, key: Any, set: dict[str, Any] | None = None,
                unset: list[str] | None = None, inc: dict[str, Any] | None = None) -> None:
@@ -93,7 +93,7 @@ class Transaction:
         data: dict[str, Any] = {"op": "update", "collection": collection, "key": probe.key,
                                 "expect": incarnation, "before": before}
         if set:
-            data["set"] = to_ejson(set)
+            data["set"] = document_to_ejson(set)
         if unset:
             data["unset"] = list(unset)
         if inc:
@@ -121,7 +121,7 @@ def build_data_revision(peer: Peer, message: str, partition: str, ops: list[Op])
     return build(
         kind="data", payload=encode_ops(ops), partition=partition, parents=parents,
         origin=engine.origin, seq=engine.next_seq(partition), hlc=engine.hlc_for(parents),
-        message=message, collections=[op.collection for op in ops],
+        message=message, collections=[op.collection for op in ops], signer=peer.key,
     )
 
 

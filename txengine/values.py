@@ -161,11 +161,6 @@ def to_ejson(value: Any) -> Any:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise MalformedPayload(f"field name {k!r} is not a string")
-            if k.startswith("$"):
-                # {"$oid": ...} and the like are Extended JSON's type tags: a field
-                # so named would come back as another type on every replica.
-                raise MalformedPayload(f"field name {k!r} starts with '$', which Extended JSON"
-                                       " reserves for type tags: rename the field")
             out[k] = to_ejson(v)
         return out
     if isinstance(value, (list, tuple)):
@@ -216,6 +211,29 @@ def _from_special(value: dict[str, Any]) -> Any:
 
 
 _TAGS = {"$oid", "$numberLong", "$numberDecimal", "$date", "$binary"}
+
+
+def document_to_ejson(value: Any) -> Any:
+    """:func:`to_ejson` for document content, refusing field names that start with ``$``.
+
+    ``{"$oid": ...}`` and the like are Extended JSON's type tags: a field so
+    named would come back as another type on every replica. (Query filters
+    use ``$`` operators, so the check is not in :func:`to_ejson` itself.)
+    """
+    _check_names(value)
+    return to_ejson(value)
+
+
+def _check_names(value: Any) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and k.startswith("$"):
+                raise MalformedPayload(f"field name {k!r} starts with '$', which Extended JSON"
+                                       " reserves for type tags: rename the field")
+            _check_names(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_names(v)
 
 
 def from_ejson(value: Any) -> Any:

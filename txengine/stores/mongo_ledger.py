@@ -24,6 +24,7 @@ from ..exceptions import LockTimeout, StaleLease
 from ..lease import LeaseHolder
 from ..ledger import (
     ANNOUNCED,
+    BASE,
     FETCHED,
     Applied,
     AuditEntry,
@@ -32,6 +33,7 @@ from ..ledger import (
     descriptor_from_row,
     payload_of,
     revisions,
+    signature_text,
     utc_now,
     write_rows,
 )
@@ -111,7 +113,7 @@ class MongoLedger(LeaseHolder):
                 "depends_on": dumps(d["depends_on"]), "message": d["message"],
                 "checksum": d["checksum"], "collections": dumps(d["collections"]),
                 "branch_labels": dumps(d["branch_labels"]), "digest": d["digest"],
-                "signature": None, "payload": rev.payload,
+                "signature": signature_text(d), "payload": rev.payload,
                 "state": applied.state if applied else st,
                 "position": applied.position if applied else None,
                 "undo": dumps(applied.undo) if applied and applied.undo is not None else None,
@@ -136,6 +138,12 @@ class MongoLedger(LeaseHolder):
     def set_states(self, ids: Sequence[str], st: str) -> None:
         for rev_id in ids:
             self.store.stage(REVISIONS, ("set", rev_id, {"state": st}))
+
+    def strip(self, ids: Sequence[str]) -> None:
+        for rev_id in ids:
+            self.store.stage(REVISIONS, ("set", rev_id, {"state": BASE, "payload": None,
+                                                         "undo": None, "position": None,
+                                                         "w": []}))
 
     def delete(self, ids: Sequence[str]) -> None:
         for rev_id in ids:
@@ -189,7 +197,8 @@ class MongoLedger(LeaseHolder):
         d = rev.descriptor
         self.store.stage(REVISIONS, ("set", d["id"], {
             "payload": rev.payload, "checksum": d["checksum"], "digest": d["digest"],
-            "message": d["message"], **{name: dumps(d[name]) for name in _DESCRIPTOR_JSON}}))
+            "message": d["message"], "signature": signature_text(d),
+            **{name: dumps(d[name]) for name in _DESCRIPTOR_JSON}}))
 
     def nodes(self) -> list[tuple[Any, ...]]:
         projection = {_field(n): 1 for n in _NODE_COLUMNS}
@@ -283,6 +292,13 @@ class MongoLedger(LeaseHolder):
 
     def set_state(self, name: str, value: str) -> None:
         self.store.stage(STATE, ("replace", name, {"_id": name, "value": value}))
+
+    def create_state(self, name: str, value: str) -> str:
+        """As :meth:`Ledger.create_state`: one upsert outside any step, so a local-only
+        value (a peer's key) never joins a revision's transaction."""
+        self.db[STATE].update_one({"_id": name}, {"$setOnInsert": {"value": value}},
+                                  upsert=True)
+        return str(self.db[STATE].find_one({"_id": name})["value"])
 
     # -- the apply lease -------------------------------------------------------------
     def observe_lease(self) -> None:

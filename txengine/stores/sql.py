@@ -281,18 +281,8 @@ class SqlStore:
             cur.executemany(sql["upsert"], upserts)
 
     def documents(self, partition: str, collection: str) -> Iterator[dict[str, Any]]:
-        table = self.resolve(collection, create=False)
-        if table is None:
-            return
-        if isinstance(table, DeclaredTable):
-            rows = sorted((r for r in self._declared_rows(table) if r[0] == partition),
-                          key=lambda r: r[1])
-            for _partition, _text, doc, _inc in rows:
-                yield doc
-            return
-        q = sa.select(table.c.doc).where(table.c._partition == partition).order_by(table.c._key)
-        for (doc,) in self.conn.execute(q):
-            yield self._decode(doc)
+        for _text, doc, _inc in self.ordered_states(partition, collection):
+            yield doc
 
     def snapshot(self) -> dict[tuple[str, str, str], State]:
         out: dict[tuple[str, str, str], State] = {}
@@ -331,7 +321,6 @@ class SqlStore:
                     f" {order}").execution_options(stream_results=True, yield_per=5000)
         for key, doc, inc in self.conn.execute(q, {"p": partition}):
             yield key, self._decode(doc), inc
-
 
     # -- declared tables -----------------------------------------------------
     def _declared_sql(self, table: DeclaredTable) -> dict[str, str]:

@@ -116,14 +116,20 @@ def outgoing(side: Side, since: dict[str, Any] | None = None,
                                 **({"parents": parents} if parents else {})}] if items else []
     if items:
         messages += side.answer_want({"type": "want", "ids": [d["id"] for d in items]})
-    mine = side.vector()
     partitions = [partition] if partition else sorted({d["partition"] for d in items})
-    header = {"type": "bundle", "format": FORMAT, "version": VERSION, "peer": mine["peer"],
-              "origin": mine["origin"], "created_ms": int(time.time() * 1000),
-              "partitions": partitions, "since": since["vectors"], "vectors": mine["vectors"],
-              "tips": mine["tips"], "descriptors": len(items),
-              "payloads": sum(len(m["items"]) for m in messages if m["type"] == "payloads")}
-    return header, messages
+    return header_of(side, partitions, since["vectors"], messages), messages
+
+
+def header_of(side: Side, partitions: list[str], since: dict[str, Any],
+              messages: list[Message]) -> Message:
+    """Return the header line of a bundle of ``messages`` written by ``side``'s peer."""
+    mine = side.vector()
+    return {"type": "bundle", "format": FORMAT, "version": VERSION, "peer": mine["peer"],
+            "origin": mine["origin"], "created_ms": int(time.time() * 1000),
+            "partitions": partitions, "since": since, "vectors": mine["vectors"],
+            "tips": mine["tips"],
+            "descriptors": sum(len(m["items"]) for m in messages if m["type"] == "descriptors"),
+            "payloads": sum(len(m["items"]) for m in messages if m["type"] == "payloads")}
 
 
 def write(path: str | Path, header: Message, messages: Iterable[Message]) -> int:
@@ -235,13 +241,19 @@ def apply(side: Side, header: Message, messages: Sequence[Message], source: str,
         progress(Progress("fetch", 0, total))
     side.handle(m for m in messages if m["type"] == "descriptors")
     done = 0
+    late: set[str] = set()
     for message in messages:
         if message["type"] != "payloads":
             continue
-        side.handle([message])
+        replies = side.handle([message])
+        late.update(i for m in replies if m["type"] == "want" for i in m["ids"])
         done += len(message.get("items", []))
         if progress is not None and done < total:
             progress(Progress("fetch", done, total))
+    if late:  # their signer was enrolled by a config of this bundle: take them now
+        side.handle([{"type": "payloads", "items": [
+            item for m in messages if m["type"] == "payloads" for item in m["items"]
+            if item[0] in late]}])
     side.finish()
     if progress is not None:
         progress(Progress("fetch", total, total))

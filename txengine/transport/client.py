@@ -30,6 +30,7 @@ from ..engine import ProgressCallback
 from ..exceptions import RemoteError, ServerUnreachable, TxEngineError, Unauthorized
 from ..intake import Refusal
 from ..sync import Message, Side, SyncReport, SyncResult
+from .schemas import MAX_ITEMS
 
 if TYPE_CHECKING:
     from ..peer import Peer
@@ -42,8 +43,9 @@ class HttpRemote:
     """The server's end of an exchange: sends messages over HTTP and returns the replies.
 
     ``retries`` failed attempts of one request (connection errors, timeouts,
-    5xx) are retried after ``backoff`` seconds, doubling up to ``max_backoff``
-    (with jitter, so many clients of a restarted server do not return at once).
+    5xx, 429) are retried after ``backoff`` seconds, doubling up to ``max_backoff``
+    (with jitter, so many clients of a restarted server do not return at once),
+    or after the server's ``Retry-After``.
     """
 
     def __init__(self, url: str, token: str | None, *, timeout: float = 60.0,
@@ -90,7 +92,7 @@ class HttpRemote:
             else:
                 if response.is_success:
                     return response
-                if response.status_code < 500:
+                if response.status_code < 500 and response.status_code != 429:
                     raise self._refusal(response)
                 reason = f"{response.status_code} {_error(response)[0]}"
                 wait = _retry_after(response)
@@ -167,8 +169,8 @@ def _take_report(report: SyncReport, data: dict[str, Any]) -> None:
     report.rolled_back += data.get("rolled_back", [])
     report.conflicted += data.get("conflicted", [])
     report.quarantined += data.get("quarantined", [])
-    report.refused += [Refusal(r["revision"], r["reason"], r.get("origin"))
-                       for r in data.get("refused", [])]
+    report.refused += [Refusal(r["revision"], r["reason"], r.get("origin"),
+                               r.get("code", "refused")) for r in data.get("refused", [])]
 
 
 def exchange(local: Side, remote: HttpRemote, batch_size: int = 500, max_legs: int = 20
@@ -176,7 +178,9 @@ def exchange(local: Side, remote: HttpRemote, batch_size: int = 500, max_legs: i
     """Run one exchange between ``local`` and the server; return both sides' reports.
 
     The local side integrates at the end (also when a request failed for
-    good: what was fetched is kept, and the error is raised after).
+    good: what was fetched is kept, and the error is raised after), then rolls
+    back its own revisions the server refused for lack of a write grant
+    (:meth:`Side.take_refusals`): device and server never silently disagree.
     """
     result = SyncResult(local.report, SyncReport(remote.url))
     outgoing: list[Message] = [local.vector(first=True)]
@@ -203,6 +207,7 @@ def exchange(local: Side, remote: HttpRemote, batch_size: int = 500, max_legs: i
             legs += 1
     finally:
         local.finish()
+    local.take_refusals(result.remote.refused)
     return result
 
 
@@ -212,6 +217,7 @@ def sync(peer: Peer, url: str, token: str | None, *, batch_size: int = 500,
     """Exchange revisions with the server at ``url`` and integrate (see :meth:`Peer.sync`)."""
     own = remote is None
     remote = remote or HttpRemote(url, token)
+    batch_size = min(batch_size, MAX_ITEMS)  # the server refuses more a request
     try:
         with peer.leased():
             return exchange(Side(peer, batch_size, events, progress), remote, batch_size)

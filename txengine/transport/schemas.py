@@ -19,7 +19,8 @@ from pydantic.json_schema import models_json_schema
 
 PROTOCOL_VERSION = 1
 MAX_ITEMS = 5000
-"""Most descriptors, ids or payloads one message may carry (clients send 500)."""
+"""Most descriptors, ids or payloads one message, and one request, may carry (clients send
+500)."""
 
 Id = Annotated[str, Field(min_length=1, max_length=80, description="A revision id.")]
 Vectors = dict[str, dict[str, Annotated[int, Field(ge=0)]]]
@@ -29,12 +30,24 @@ class _Shape(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
+class Signature(_Shape):
+    """The origin's Ed25519 signature of a descriptor's digest (see docs/security.md).
+
+    ``sig`` signs the ASCII bytes ``txengine-revision-v1``, a newline, then the
+    digest (hex); ``key`` is the signer's key id, the first 16 hex characters
+    of the SHA-256 of its raw public key. Relays pass it on unchanged.
+    """
+
+    key: str = Field(min_length=1, max_length=64, description="The signer's key id.")
+    sig: str = Field(min_length=1, max_length=200, description="Base64 of the 64-byte signature.")
+
+
 class Descriptor(_Shape):
     """A revision's descriptor: light JSON that travels before its payload.
 
     ``digest`` is the SHA-256 of the RFC 8785 canonical descriptor without
-    ``digest``; a data revision's ``id`` is its digest. ``checksum`` is the
-    SHA-256 of the payload text (UTF-8).
+    ``digest`` and ``signature``; a data revision's ``id`` is its digest.
+    ``checksum`` is the SHA-256 of the payload text (UTF-8).
     """
 
     id: Id
@@ -51,6 +64,8 @@ class Descriptor(_Shape):
     collections: list[str]
     branch_labels: list[str]
     digest: str
+    signature: Signature | None = Field(default=None, description=(
+        "Required by a peer with a root key installed; outside the digest."))
 
 
 class _Held(_Shape):
@@ -141,6 +156,11 @@ class Refusal(_Shape):
     revision: str
     reason: str
     origin: str | None = None
+    code: str = Field(default="refused", description=(
+        "``forbidden_partition``: the token may not write the revision's partition, so its"
+        " origin rolls it back; ``unsigned``, ``bad_signature``, ``unknown_signer``,"
+        " ``revoked_key``, ``untrusted_code``: a signature refusal (docs/security.md);"
+        " ``refused``: any other reason (see ``reason``)."))
 
 
 class ServerReport(_Shape):
@@ -177,6 +197,8 @@ class StatusResponse(_Shape):
     conflicted: int
     quarantined: int
     pinned: bool
+    refused: int = Field(default=0, description=(
+        "The server peer's own revisions another server refused (it rolled them back)."))
 
 
 class HealthResponse(_Shape):
@@ -204,7 +226,7 @@ MESSAGES: tuple[type[BaseModel], ...] = (
 def schemas() -> dict[str, Any]:
     """Return the JSON Schema of every message and body, by name; each refers to the others
     as ``#/$defs/Name`` (one document: ``{"$defs": schemas()}``)."""
-    models = (Descriptor, *MESSAGES, SyncRequest, SyncResponse, Refusal, ServerReport,
+    models = (Descriptor, Signature, *MESSAGES, SyncRequest, SyncResponse, Refusal, ServerReport,
               StatusResponse, HealthResponse, ErrorResponse, ErrorBody)
     _, document = models_json_schema([(m, "validation") for m in models])
     defs: dict[str, Any] = document["$defs"]

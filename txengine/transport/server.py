@@ -12,9 +12,14 @@ not thread-safe, so each process uses it from one thread; asyncio keeps
 accepting connections meanwhile.
 
 Every request but ``/v1/health`` and ``/openapi.json`` carries ``Authorization:
-Bearer TOKEN`` (``txengine peers add NAME``): never an open server. Every
-refusal is ``{"error": {"code", "message"}}`` with a stable code
-(docs/protocol.md); bad input never yields a 500.
+Bearer TOKEN`` (``txengine peers add NAME``): never an open server. The
+token's grants decide which partitions it reads and writes (a
+:class:`~txengine.sync.Side` filter, so intake is not duplicated here).
+Every refusal is ``{"error": {"code", "message"}}`` with a stable code
+(docs/protocol.md); bad input never yields a 500. Limits bound what one
+request may cost: body size (counted as it arrives, also without
+Content-Length), items, descriptor and payload sizes, and requests per
+second per peer.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, TypeVar
 
@@ -35,7 +43,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from ..credentials import Credentials
+from ..credentials import Credential, Credentials
 from ..exceptions import (
     ForkedRevision,
     IntegrityError,
@@ -48,8 +56,10 @@ from ..exceptions import (
     TxEngineError,
 )
 from ..peer import Peer
+from ..revision import MAX_DESCRIPTOR_BYTES, MAX_PAYLOAD_BYTES
 from ..sync import Message, Side
 from .schemas import (
+    MAX_ITEMS,
     PROTOCOL_VERSION,
     ErrorResponse,
     HealthResponse,
@@ -60,7 +70,13 @@ from .schemas import (
 
 STORE_ENV = "TXENGINE_STORE"
 PEER_ID_ENV = "TXENGINE_PEER_ID"
+RATE_ENV = "TXENGINE_RATE"
+BURST_ENV = "TXENGINE_BURST"
 MAX_BODY_BYTES = 64 * 1024 * 1024
+RATE = 50.0
+BURST = 200
+"""Requests a second per peer on average, and at once: a sync of 100,000 revisions in
+batches of 500 makes about 600 requests."""
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -95,6 +111,76 @@ def error_response(status: int, code: str, message: str,
     return JSONResponse({"error": {"code": code, "message": message}}, status, headers)
 
 
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "too_large", f"the body exceeds {limit} bytes: send smaller batches")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a body over ``limit`` bytes with 413, before it is all read.
+
+    A declared Content-Length is checked at once; a streamed (chunked) body
+    is counted as it arrives and refused as soon as it passes the limit, so
+    a client cannot make the server buffer more by leaving the length out.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[..., Any],
+                       send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            exc = _too_large(self.limit)
+            await error_response(413, exc.code, str(exc.detail))(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _too_large(self.limit)  # inside the app: rendered by its handler
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class RateLimit:
+    """Requests per peer: a token bucket of ``burst`` requests that refills at ``rate`` a
+    second.
+
+    Kept in this server process (no store round trip per request): with
+    ``--workers N`` or several hosts, each process counts on its own, so a
+    peer may reach N times the rate.
+    """
+
+    def __init__(self, rate: float = RATE, burst: int = BURST,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def wait(self, name: str) -> float:
+        """Take one request for ``name``; return 0, or the seconds until one is allowed."""
+        with self._lock:
+            now = self._clock()
+            tokens, then = self._buckets.get(name, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[name] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[name] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+
 class _Host:
     """This process's peer on the store: opened on first use, used from one thread.
 
@@ -102,10 +188,12 @@ class _Host:
     a broken connection or half-updated memory never outlives the request.
     """
 
-    def __init__(self, store: str, peer_id: str | None, batch_size: int) -> None:
+    def __init__(self, store: str, peer_id: str | None, batch_size: int,
+                 rate: RateLimit) -> None:
         self.store = store
         self.peer_id = peer_id
         self.batch_size = batch_size
+        self.rate = rate
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="txengine-peer")
         self._peer: Peer | None = None
         self._credentials: Credentials | None = None
@@ -137,8 +225,9 @@ class _Host:
         self._pool.shutdown()
 
 
-def _authenticate(credentials: Credentials, token: str | None) -> str:
-    """Return the name of the peer holding ``token``, or refuse with 401."""
+def _authenticate(credentials: Credentials, token: str | None, rate: RateLimit) -> Credential:
+    """Return the peer holding ``token`` with its grants; refuse with 401, or 429 when it
+    sends requests faster than ``rate`` allows."""
     name = credentials.authenticate(token) if token else None
     if name is None:
         raise ApiError(401, "unauthorized",
@@ -146,7 +235,58 @@ def _authenticate(credentials: Credentials, token: str | None) -> str:
                        " admin creates one with `txengine peers add NAME`"
                        if not token else "the token is not valid (revoked or mistyped)",
                        {"WWW-Authenticate": "Bearer"})
-    return name
+    wait = rate.wait(name)
+    if wait:
+        raise ApiError(429, "rate_limited", f"peer {name!r} sends more than {rate.rate:g}"
+                       " requests a second: retry after Retry-After seconds",
+                       {"Retry-After": str(math.ceil(wait))})
+    return credentials.get(name)
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _check_limits(messages: list[Message]) -> None:
+    """Refuse with 413 a request over the item, descriptor or payload limits, and with 422
+    one with a NUL character outside payload texts (ids, partitions and origins are
+    stored as text, which PostgreSQL cannot hold NUL in), before any of it is handled
+    (the reference client never sends one)."""
+    if _has_nul([m if m["type"] != "payloads" else [i[0] for i in m["items"]]
+                 for m in messages]):
+        raise ApiError(422, "invalid_message", "a NUL character (\\u0000) outside a payload"
+                       " text: ids, partitions and origins never hold one")
+    items = 0
+    for message in messages:
+        kind = message["type"]
+        if kind == "descriptors":
+            listed = [*message["items"], *(message.get("parents") or [])]
+            items += len(listed)
+            for d in listed:
+                size = len(orjson.dumps({k: v for k, v in d.items() if k != "signature"}))
+                if size > MAX_DESCRIPTOR_BYTES:
+                    raise ApiError(413, "descriptor_too_large", f"descriptor"
+                                   f" {str(d.get('id'))[:12]} has {size} bytes, above"
+                                   f" {MAX_DESCRIPTOR_BYTES}: shorten its message")
+        elif kind == "payloads":
+            items += len(message["items"])
+            for rev_id, text in message["items"]:
+                size = len(text.encode("utf-8"))
+                if size > MAX_PAYLOAD_BYTES:
+                    raise ApiError(413, "payload_too_large", f"payload of {rev_id[:12]} has"
+                                   f" {size} bytes, above {MAX_PAYLOAD_BYTES}: split the"
+                                   " revision's ops into several revisions")
+        elif kind == "want":
+            items += len(message["ids"])
+    if items > MAX_ITEMS:
+        raise ApiError(413, "too_many_items", f"the request carries {items} descriptors, ids"
+                       f" and payloads, above {MAX_ITEMS}: send smaller batches")
 
 
 WRITING = frozenset({"descriptors", "payloads", "had"})
@@ -154,7 +294,7 @@ WRITING = frozenset({"descriptors", "payloads", "had"})
 
 
 def _sync(peer: Peer, credentials: Credentials, token: str | None, messages: list[Message],
-          batch_size: int) -> dict[str, Any]:
+          batch_size: int, rate: RateLimit) -> dict[str, Any]:
     """Handle one request's messages; integrate what was fetched.
 
     Only messages that record revisions take the lease (taking it moves its
@@ -163,9 +303,10 @@ def _sync(peer: Peer, credentials: Credentials, token: str | None, messages: lis
     first when another process wrote. An ``ack`` only raises the monotonic
     "sent" mark of this peer's own revisions, which needs no lease.
     """
-    name = _authenticate(credentials, token)
-    side = Side(peer, batch_size)
-    side.other = name
+    holder = _authenticate(credentials, token, rate)
+    _check_limits(messages)
+    side = Side(peer, batch_size, may_read=holder.may_read, may_write=holder.may_write)
+    side.other = holder.name
     if any(m["type"] in WRITING for m in messages):
         with peer.leased():
             replies = side.handle(messages)
@@ -179,10 +320,11 @@ def _sync(peer: Peer, credentials: Credentials, token: str | None, messages: lis
     return {"messages": replies, "report": report}
 
 
-def _status(peer: Peer, credentials: Credentials, token: str | None) -> dict[str, Any]:
-    _authenticate(credentials, token)
+def _status(peer: Peer, credentials: Credentials, token: str | None, rate: RateLimit
+            ) -> dict[str, Any]:
+    holder = _authenticate(credentials, token, rate)
     peer.refresh()
-    vector = Side(peer).vector()
+    vector = Side(peer, may_read=holder.may_read, may_write=holder.may_write).vector()
     status = peer.status()
     revisions = len(peer._engine.graph)
     return {"protocol": PROTOCOL_VERSION, **status.to_json(), "revisions": revisions,
@@ -199,13 +341,17 @@ Token = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text} for code, text in (
         (400, "Malformed JSON"), (401, "Missing or invalid token"),
-        (413, "Body too large"), (422, "Wrong shape, or refused input"),
+        (413, "Body, descriptor or payload too large, or too many items"),
+        (422, "Wrong shape, or refused input"),
+        (429, "Too many requests from this peer: retry after Retry-After seconds"),
         (503, "Busy or store unavailable: retry after Retry-After seconds"))}
 
 
-def create_app(store: str, peer_id: str | None = None, *, batch_size: int = 500) -> FastAPI:
-    """Return the ASGI app serving the store at URL ``store`` as peer ``peer_id``."""
-    host = _Host(store, peer_id, batch_size)
+def create_app(store: str, peer_id: str | None = None, *, batch_size: int = 500,
+               rate: float = RATE, burst: int = BURST) -> FastAPI:
+    """Return the ASGI app serving the store at URL ``store`` as peer ``peer_id``,
+    taking at most ``rate`` requests a second per peer (``burst`` at once)."""
+    host = _Host(store, peer_id, batch_size, RateLimit(rate, burst))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -216,14 +362,7 @@ def create_app(store: str, peer_id: str | None = None, *, batch_size: int = 500)
                   docs_url=None, redoc_url=None,
                   description="The txengine sync protocol: see docs/protocol.md.")
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            return error_response(413, "too_large", f"the body exceeds {MAX_BODY_BYTES} bytes:"
-                                  " send smaller batches")
-        response: Response = await call_next(request)
-        return response
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -239,6 +378,10 @@ def create_app(store: str, peer_id: str | None = None, *, batch_size: int = 500)
             return error_response(400, "malformed_json", "the body is not a JSON object:"
                                   " send Content-Type: application/json and a JSON object")
         where = ".".join(str(p) for p in first.get("loc", ())[1:])
+        if first.get("type") == "too_long" and first["loc"][-1] in ("messages", "items", "ids",
+                                                                    "parents"):
+            return error_response(413, "too_many_items", f"{where or 'body'}: {first.get('msg')}:"
+                                  " send smaller batches")
         return error_response(422, "invalid_message", f"{where or 'body'}: {first.get('msg')}"
                               f" ({len(errors)} problem{'s' if len(errors) > 1 else ''}):"
                               " see docs/protocol.md for the message schemas")
@@ -246,6 +389,7 @@ def create_app(store: str, peer_id: str | None = None, *, batch_size: int = 500)
     @app.exception_handler(TxEngineError)
     async def refused(request: Request, exc: TxEngineError) -> JSONResponse:
         status, code = next((s, c) for cls, s, c in ERRORS if isinstance(exc, cls))
+        code = getattr(exc, "code", None) or code  # signature errors name their own
         headers = {"Retry-After": "1"} if status == 503 else None
         return error_response(status, code, " ".join(str(exc).split()), headers)
 
@@ -269,14 +413,19 @@ def create_app(store: str, peer_id: str | None = None, *, batch_size: int = 500)
     async def sync(request: Request, body: SyncRequest, credentials: Token) -> Response:
         """Handle the messages in order and return the replies (see docs/protocol.md)."""
         del body  # validated; the messages are handled as they arrived (digests cover them)
-        messages = orjson.loads(await request.body())["messages"]
-        result = await host.run(_sync, token_of(credentials), messages, host.batch_size)
+        try:
+            messages = orjson.loads(await request.body())["messages"]
+        except orjson.JSONDecodeError as exc:  # valid to pydantic, not UTF-8: a lone surrogate
+            raise ApiError(400, "malformed_json", f"the body is not UTF-8 JSON ({exc}): escape"
+                           " only whole surrogate pairs") from exc
+        result = await host.run(_sync, token_of(credentials), messages, host.batch_size,
+                                host.rate)
         return Response(orjson.dumps(result), media_type="application/json")
 
     @app.get("/v1/status", response_model=StatusResponse, responses=ERROR_RESPONSES,
              summary="The server peer's vectors and sync counts")
     async def status(credentials: Token) -> dict[str, Any]:
-        return await host.run(_status, token_of(credentials))
+        return await host.run(_status, token_of(credentials), host.rate)
 
     @app.get("/v1/health", response_model=HealthResponse, responses=ERROR_RESPONSES,
              summary="Liveness: the server and its store answer (no token needed)")
@@ -292,15 +441,20 @@ def app_from_env() -> FastAPI:
     store = os.environ.get(STORE_ENV)
     if not store:
         raise StoreError(f"{STORE_ENV} is not set: run `txengine --store URL serve`")
-    return create_app(store, os.environ.get(PEER_ID_ENV) or None)
+    return create_app(store, os.environ.get(PEER_ID_ENV) or None,
+                      rate=float(os.environ.get(RATE_ENV) or RATE),
+                      burst=int(os.environ.get(BURST_ENV) or BURST))
 
 
 def serve(store: str, peer_id: str | None, host: str = "127.0.0.1", port: int = 8800,
-          workers: int = 1, log_level: str = "info") -> None:
+          workers: int = 1, log_level: str = "info", rate: float = RATE,
+          burst: int = BURST) -> None:
     """Run uvicorn until interrupted (``txengine serve``)."""
     import uvicorn
 
     os.environ[STORE_ENV] = store
+    os.environ[RATE_ENV] = str(rate)
+    os.environ[BURST_ENV] = str(burst)
     if peer_id:
         os.environ[PEER_ID_ENV] = peer_id
     uvicorn.run("txengine.transport.server:app_from_env", factory=True, host=host, port=port,
