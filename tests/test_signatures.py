@@ -461,3 +461,25 @@ def test_relay_through_the_http_server_verifies_and_refuses_a_forgery(tmp_path, 
     finally:
         for peer in devices.values():
             peer.close()
+
+
+def test_precheck_verifies_signatures_so_intake_under_the_lease_need_not(peers, monkeypatch):
+    """A server verifies a request's signatures before it takes the apply lease; under
+    the lease the verified ones are not verified again, and a bad one still fails."""
+    import txengine.keys as keys
+
+    good = data_descriptor("alice:0", peers["alice"].key, key=7)
+    forged = data_descriptor("bob:0", peers["alice"].key, key=8)
+    hub = peers["hub"]
+    Side(hub).precheck([{"type": "descriptors", "items": [good[0], forged[0]]}])
+
+    class NoCrypto:
+        @staticmethod
+        def from_public_bytes(_public: bytes) -> Any:
+            raise AssertionError("verified again under the lease")
+
+    monkeypatch.setattr(keys, "Ed25519PublicKey", NoCrypto)
+    assert codes(offer(hub, *good)) == [] and hub.get("items", 7) == {"_id": 7}
+    before = state(hub)
+    assert codes(offer(hub, *forged)) == ["unknown_signer"]
+    assert state(hub) == before

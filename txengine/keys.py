@@ -23,6 +23,7 @@ import base64
 import binascii
 import hashlib
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -118,14 +119,27 @@ class KeyPair:
         return {"key": self.id, "sig": base64.b64encode(sig).decode("ascii")}
 
 
+_VERIFIED: OrderedDict[tuple[bytes, str, str], None] = OrderedDict()
+"""Signatures that verified, most recent last (bounded): a server checks a request's
+signatures before it takes the apply lease, then finds them here under the lease."""
+_VERIFIED_MAX = 100_000
+
+
 def verify(public: bytes, digest: str, signature: dict[str, Any]) -> bool:
     """Say whether ``signature`` is ``public``'s signature of ``digest``."""
     try:
+        entry = (public, digest, str(signature["sig"]))
+        if entry in _VERIFIED:
+            return True
         sig = base64.b64decode(signature["sig"], validate=True)
         Ed25519PublicKey.from_public_bytes(public).verify(sig, SIGNED_PREFIX
                                                           + digest.encode("ascii"))
-    except (InvalidSignature, binascii.Error, ValueError, UnicodeEncodeError):
+    except (InvalidSignature, binascii.Error, ValueError, UnicodeEncodeError, KeyError,
+            TypeError):
         return False
+    _VERIFIED[entry] = None
+    if len(_VERIFIED) > _VERIFIED_MAX:
+        _VERIFIED.popitem(last=False)
     return True
 
 

@@ -35,6 +35,7 @@ first payloads; the other payloads and the acks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -197,6 +198,28 @@ class Side:
         if self.engine.bases:  # started from checkpoints: ask for the parents it lacks
             message["bases"] = {p: b["checkpoint"] for p, b in self.engine.bases.items()}
         return message
+
+    def precheck(self, messages: Iterable[Message]) -> None:
+        """Verify the signatures of arriving descriptors ahead of :meth:`handle`.
+
+        Pure work, needing no lease: a server runs it before it takes the
+        apply lease, so that other processes keep applying meanwhile (the
+        costly part of intake is Ed25519). Results are remembered by
+        :func:`txengine.keys.verify`; :meth:`handle` still checks everything,
+        and refuses what fails here.
+        """
+        from .exceptions import TxEngineError
+        from .revision import check_descriptor, check_digest
+
+        trust = self.peer._trust()
+        if trust is None:
+            return
+        for message in messages:
+            if message.get("type") != "descriptors":
+                continue
+            for raw in message.get("items", []):
+                with contextlib.suppress(TxEngineError, KeyError, TypeError, AttributeError):
+                    trust.check(check_digest(check_descriptor(raw)))
 
     def handle(self, messages: Iterable[Message]) -> list[Message]:
         """Handle one leg's messages, in arrival order; return the replies."""

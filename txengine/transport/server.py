@@ -298,7 +298,8 @@ def _sync(peer: Peer, credentials: Credentials, token: str | None, messages: lis
     """Handle one request's messages; integrate what was fetched.
 
     Only messages that record revisions take the lease (taking it moves its
-    token, which makes every other server process reload); vectors and
+    token, which makes every other server process reload), and only after
+    their signatures were verified without it; vectors and
     payload requests are answered from this process's memory, refreshed
     first when another process wrote. An ``ack`` only raises the monotonic
     "sent" mark of this peer's own revisions, which needs no lease.
@@ -308,6 +309,8 @@ def _sync(peer: Peer, credentials: Credentials, token: str | None, messages: lis
     side = Side(peer, batch_size, may_read=holder.may_read, may_write=holder.may_write)
     side.other = holder.name
     if any(m["type"] in WRITING for m in messages):
+        peer.refresh()
+        side.precheck(messages)  # signatures, outside the lease: intake runs concurrently
         with peer.leased():
             replies = side.handle(messages)
             side.finish()  # also what a killed process fetched and did not integrate
