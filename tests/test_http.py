@@ -90,13 +90,18 @@ def _server_store(stack: ExitStack, directory: Path) -> str:
     return f"sqlite:///{directory / 'hub.db'}"
 
 
-def _start(stack: ExitStack, directory: Path, names: tuple[str, ...] = ("alice", "bob")
-           ) -> tuple[Server, dict[str, str]]:
+def _start(stack: ExitStack, directory: Path, names: tuple[str, ...] = ("alice", "bob"),
+           grants: dict[str, tuple[list[str], list[str]]] | None = None,
+           args: tuple[str, ...] = ()) -> tuple[Server, dict[str, str]]:
+    """Serve a fresh store whose peers ``names`` may read and write everything, or
+    hold ``grants`` (name: (read, write) patterns) instead."""
     directory.mkdir(parents=True, exist_ok=True)
     store = _server_store(stack, directory)
+    grants = grants or {name: (["*"], ["*"]) for name in names}
     with Peer.open(store, "hub") as hub:
-        tokens = {name: hub.peers_add(name, ["*"], ["*"]).token for name in names}
-    server = Server(store, directory / "server.log")
+        tokens = {name: hub.peers_add(name, read, write).token
+                  for name, (read, write) in grants.items()}
+    server = Server(store, directory / "server.log", args)
     stack.callback(server.stop)
     server.start()
     return server, tokens

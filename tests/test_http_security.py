@@ -26,7 +26,7 @@ import mongomock
 import pytest
 from click.testing import CliRunner
 
-from tests.test_http import Server, _server_store
+from tests.test_http import Server, _device, _start
 from txengine.cli import cli
 from txengine.credentials import Credentials, matches
 from txengine.exceptions import CredentialNotFound, InvalidInput
@@ -40,25 +40,13 @@ GRANTS = {"admin": (["*"], ["*"]), "reader": (["user:*"], []),
 
 def _serve(stack: ExitStack, directory: Path, args: tuple[str, ...] = ()
            ) -> tuple[Server, dict[str, str]]:
-    directory.mkdir(parents=True, exist_ok=True)
-    store = _server_store(stack, directory)
-    with Peer.open(store, "hub") as hub:
-        tokens = {name: hub.peers_add(name, read, write).token
-                  for name, (read, write) in GRANTS.items()}
-    server = Server(store, directory / "server.log", args)
-    stack.callback(server.stop)
-    server.start()
-    return server, tokens
+    return _start(stack, directory, grants=GRANTS, args=args)
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, dict[str, str]]]:
     with ExitStack() as stack:
         yield _serve(stack, tmp_path_factory.mktemp("secure"))
-
-
-def _device(tmp_path: Path, name: str) -> Peer:
-    return Peer.open(f"sqlite:///{tmp_path / f'{name}.db'}", name)
 
 
 def _post(server: Server, token: str | None, body: Any, **headers: str) -> httpx.Response:

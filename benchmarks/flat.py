@@ -1,0 +1,86 @@
+"""Scale: do a write, `heads` and a sync of 10 new revisions stay flat as history grows?
+
+Run: python benchmarks/flat.py [--sizes 10000,1000000] [--runs 5]
+
+For each size N, two SQLite peers share N revisions (the linear history of
+``sync.py``); then, on the open peers, it times one write, ``heads``, and a
+sync of 10 new revisions (median of ``--runs``), and prints each against the
+smallest size: the target is under 2x from 10,000 to 1,000,000. Opening a
+peer still loads every descriptor (issue 10): that cost is printed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sync import shared_history  # noqa: E402
+
+from txengine import Peer  # noqa: E402
+
+
+def measure(n: int, runs: int) -> dict[str, float]:
+    tmp = Path(tempfile.mkdtemp(prefix="txengine-bench-flat-"))
+    items = shared_history(n)
+    for name in ("alice", "bob"):
+        peer = Peer.open(str(tmp / f"{name}.db"), peer_id=name, batch_size=5000)
+        for i in range(0, n, 20_000):
+            peer.receive(items[i:i + 20_000])
+        peer.upgrade("heads")
+        peer.close()
+    del items
+    t = time.perf_counter()
+    a = Peer.open(str(tmp / "alice.db"), peer_id="alice")
+    opened = time.perf_counter() - t
+    b = Peer.open(str(tmp / "bob.db"), peer_id="bob")
+    counter = iter(range(10**9))
+
+    def write() -> None:
+        i = next(counter)
+        with a.transaction(f"edit {i}") as tx:
+            tx.update("customers", i % n, set={"email": f"new{i}@example.com"})
+
+    writes, heads, syncs = [], [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        write()
+        writes.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        a.heads()
+        heads.append(time.perf_counter() - t)
+    for _ in range(runs):
+        for _ in range(10):
+            write()
+        t = time.perf_counter()
+        a.sync(b)
+        syncs.append(time.perf_counter() - t)
+    a.close()
+    b.close()
+    return {"write": statistics.median(writes), "heads": statistics.median(heads),
+            "sync of 10 new": statistics.median(syncs), "open": opened}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="10000,1000000")
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results = {n: measure(n, args.runs) for n in sizes}
+    base = results[sizes[0]]
+    print(f"| operation | {' | '.join(f'{n:,}' for n in sizes)} | ratio |")
+    print(f"| --- | {' | '.join('---' for _ in sizes)} | --- |")
+    for name in ("write", "heads", "sync of 10 new", "open"):
+        cells = " | ".join(f"{results[n][name] * 1000:.2f} ms" for n in sizes)
+        print(f"| {name} | {cells} | {results[sizes[-1]][name] / base[name]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
