@@ -268,9 +268,12 @@ class Engine:
             self.conflicted.add(rev.id)
 
     def _apply_data(self, work: _Work, rev_id: str, partition: str, ops: list[Op],
-                    position: int, preload: bool = True) -> tuple[Applied, list[dict[str, Any]]]:
-        keys = [(partition, *write_key(op)) for op in ops]
-        if preload:
+                    position: int, keys: list[Key] | None = None
+                    ) -> tuple[Applied, list[dict[str, Any]]]:
+        """Apply a data revision's ops to the work states; ``keys`` (each op's key) are
+        given, already preloaded, by bulk callers, which computed them to preload."""
+        if keys is None:
+            keys = [(partition, *write_key(op)) for op in ops]
             work.preload(keys)
         undo: list[Any] = []
         seen: set[Key] = set()
@@ -555,6 +558,7 @@ class Engine:
         positions: dict[str, int] = {}
         removed: list[str] = []
         ops_of: dict[str, list[Op]] = {}
+        keys_of: dict[str, list[Key]] = {}
         for step in batch:
             row = rows[step.revision]
             if step.action == "apply" and row.kind == "data":
@@ -562,17 +566,20 @@ class Engine:
                 actual = sha256(payload)
                 if actual != row.checksum:
                     raise ChecksumMismatch(row.id, row.checksum, actual)
-                ops_of[row.id] = decode_ops(payload, trusted=True)
-        work.preload((rows[r].partition, *write_key(op)) for r, ops in ops_of.items()
-                     for op in ops)
+                ops = ops_of[row.id] = decode_ops(payload, trusted=True)
+                partition = row.partition
+                keys_of[row.id] = [(partition, *write_key(op)) for op in ops]
+        work.preload(k for keys in keys_of.values() for k in keys)
         for step in batch:
             row = rows[step.revision]
             if step.action == "apply":
                 position = self.next_position + len(positions)
                 if row.kind == "data":
                     entry, conflicts = self._apply_data(work, row.id, row.partition,
-                                                        ops_of[row.id], position, preload=False)
-                    audit += [("conflict", row.id, "conflict", 0.0, c) for c in conflicts]
+                                                        ops_of[row.id], position,
+                                                        keys_of[row.id])
+                    if conflicts:
+                        audit += [("conflict", row.id, "conflict", 0.0, c) for c in conflicts]
                 elif row.kind == "config":
                     entry = Applied(row.id, position, [])
                 else:
@@ -716,14 +723,16 @@ class Engine:
         try:
             with paused_gc():
                 work = _Work(self.store)
-                work.preload((r.partition, *write_key(op)) for r in revs for op in r.ops)
+                keys_of = [[(r.partition, *write_key(op)) for op in r.ops] for r in revs]
+                work.preload(k for keys in keys_of for k in keys)
                 entries: list[Applied] = []
                 audit: list[tuple[str, str | None, str, float, dict[str, Any]]] = []
-                for i, rev in enumerate(revs):
+                for i, (rev, keys) in enumerate(zip(revs, keys_of, strict=True)):
                     entry, conflicts = self._apply_data(work, rev.id, rev.partition, rev.ops,
-                                                        self.next_position + i, preload=False)
+                                                        self.next_position + i, keys)
                     entries.append(entry)
-                    audit += [("conflict", rev.id, "conflict", 0.0, c) for c in conflicts]
+                    if conflicts:
+                        audit += [("conflict", rev.id, "conflict", 0.0, c) for c in conflicts]
                 work.flush()
                 self.ledger.fill_applied(revs, entries)
                 steps = [Step("apply", r.id) for r in revs]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .exceptions import InvalidInput, MalformedPayload, ReservedCollection, UnknownOp
 from .values import check_key, from_ejson, key_text, to_ejson
@@ -282,9 +282,8 @@ def write_set(ops: list[Op]) -> list[tuple[str, str]]:
     return list(seen)
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """The result of one op on one document state."""
+class Outcome(NamedTuple):
+    """The result of one op on one document state (a tuple: made once per op replayed)."""
 
     state: State
     conflict: str | None = None
