@@ -253,3 +253,29 @@ def test_first_write_after_open_does_not_reload_the_ledger(store_url: str,
         four = write(peer, "four", lambda tx: tx.insert("items", {"_id": 4}))
         assert loads == [1]
         assert peer.info(four).parents == (three,)
+
+
+def test_a_plan_that_outlasts_the_lease_takes_it_again_unless_another_wrote(tmp_path) -> None:
+    """Planning a million revisions can take longer than the 30 s lease."""
+    from txengine.exceptions import StaleLease
+
+    store = str(tmp_path / "p.db")
+    with Peer.open(store, peer_id="a") as peer:
+        for key in range(3):
+            with peer.transaction(f"w{key}") as tx:
+                tx.insert("items", {"_id": key})
+        peer.downgrade("base")
+        steps = peer.plan("upgrade", "heads")
+        peer._ledger._lease_expires = time.time() - 1  # as if planning took too long
+        peer._engine.run(steps, "upgrade")
+        assert len(peer.find("items")) == 3
+        peer.downgrade("base")
+        steps = peer.plan("upgrade", "heads")
+        peer._ledger._lease_expires = 0.0
+        peer._ledger.conn.exec_driver_sql("UPDATE txengine_lock SET expires_at = 0")
+        peer._ledger.conn.commit()
+        with Peer.open(store) as other:  # the same peer, in another process
+            other._take_lease()  # another process takes the expired lease, then leaves
+        with pytest.raises(StaleLease, match="while this command was planning"):
+            peer._engine.run(steps, "upgrade")
+        assert peer.find("items") == []

@@ -506,7 +506,7 @@ class Engine:
         """Execute a plan in batches, one transaction each, reporting after each commit."""
         if not steps:
             return
-        self.ledger.check_lease()
+        self.ledger.reclaim_lease()  # planning a long history can outlast it
         with paused_gc():
             self._run(steps, action, progress, _Work(self.store))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 
 from .exceptions import StaleLease
 
@@ -21,6 +22,8 @@ class LeaseHolder:
     peer_id: str
     _lease_token: int | None
     _lease_expires: float
+    acquire_lease: Callable[..., bool]
+    """Each ledger takes the lease with its own compare-and-set."""
 
     def _holder(self) -> str:
         return f"{self.peer_id}@{socket.gethostname()}:{os.getpid()}"
@@ -46,6 +49,16 @@ class LeaseHolder:
                 "the apply lease expired before this write: another process may have written;"
                 " retry the command"
             )
+
+    def reclaim_lease(self) -> None:
+        """Renew the lease this process took before a long pause (planning a million
+        revisions can outlast it); raise StaleLease when another process held it since,
+        which makes what was planned stale, or when it was never taken."""
+        if self._lease_token is None:
+            raise StaleLease("no apply lease is held: take it before writing")
+        if self.acquire_lease():
+            raise StaleLease("another process wrote while this command was planning: run it"
+                             " again")
 
     @staticmethod
     def _lost() -> StaleLease:
