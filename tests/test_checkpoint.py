@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import ledger_items, write
 
-from txengine.checkpoint import bootstrap
+from txengine.checkpoint import CheckpointInfo, bootstrap
 from txengine.cli import cli
 from txengine.exceptions import ConfigError, InvalidInput, SnapshotMismatch
 from txengine.ledger import descriptor_from_row
@@ -23,6 +23,23 @@ def _history(hub: Peer) -> None:
     with hub.transaction("edit") as tx:
         tx.update("items", 3, set={"n": 33})
         tx.delete("items", 4)
+
+
+def _checkpoint_after_an_offline_write(store_url: str, new_store
+                                       ) -> tuple[Peer, Peer, str, CheckpointInfo]:
+    """hub: h1..h12 -> edit -> CHECKPOINT; carol synced before it and wrote offline
+    (parent: edit), not yet sent. Returns (hub, carol, carol's revision, checkpoint)."""
+    hub = Peer.open(store_url, peer_id="hub")
+    carol = Peer.open(new_store(), peer_id="carol")
+    hub.trust_sequencer("hub")
+    carol.trust_sequencer("hub")
+    _history(hub)
+    carol.sync(hub)
+    with carol.transaction("offline") as tx:
+        tx.update("items", 5, set={"n": 55})
+        tx.insert("items", {"_id": 100, "n": 100})
+    time.sleep(0.005)
+    return hub, carol, tx.revision.id, hub.checkpoint()
 
 
 def test_checkpoint_digest_equals_a_fresh_replay(store_url: str, new_store) -> None:
@@ -63,19 +80,8 @@ def test_clone_from_checkpoint_then_syncs_even_a_revision_written_before_it(
         store_url: str, new_store) -> None:
     """hub: h1..h12 -> edit -> CHECKPOINT -> h12..h16 -> edit2
     carol (offline, parent: edit, before the checkpoint): X; arrives after it."""
-    hub = Peer.open(store_url, peer_id="hub")
-    carol = Peer.open(new_store(), peer_id="carol")
+    hub, carol, offline, info = _checkpoint_after_an_offline_write(store_url, new_store)
     try:
-        hub.trust_sequencer("hub")
-        carol.trust_sequencer("hub")
-        _history(hub)
-        carol.sync(hub)
-        with carol.transaction("offline") as tx:
-            tx.update("items", 5, set={"n": 55})
-            tx.insert("items", {"_id": 100, "n": 100})
-        offline = tx.revision.id
-        time.sleep(0.005)
-        info = hub.checkpoint()
         for n in range(12, 16):
             write(hub, n, n=n)
         with hub.transaction("edit2") as tx:
@@ -172,18 +178,8 @@ def test_prune_keeps_data_and_audit_and_the_peer_still_syncs(
         store_url: str, new_store, tmp_path: Path) -> None:
     """hub prunes before its checkpoint; carol's offline revision (parent before the
     checkpoint) still lands on the pruned hub, and the archive replays the history."""
-    hub = Peer.open(store_url, peer_id="hub")
-    carol = Peer.open(new_store(), peer_id="carol")
+    hub, carol, offline, info = _checkpoint_after_an_offline_write(store_url, new_store)
     try:
-        hub.trust_sequencer("hub")
-        carol.trust_sequencer("hub")
-        _history(hub)
-        carol.sync(hub)
-        with carol.transaction("offline") as tx:
-            tx.update("items", 5, set={"n": 55})
-        offline = tx.revision.id
-        time.sleep(0.005)
-        info = hub.checkpoint()
         write(hub, 20, n=20)
         before = (hub.snapshot(), hub.content_digest(), len(hub.audit()))
         archive = tmp_path / "before.jsonl"
