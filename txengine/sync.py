@@ -470,11 +470,7 @@ class Side:
                 self._emit("fetched", r.id)
             for r in held:
                 self._emit("quarantined", r.id, hlc=list(r.hlc))
-            for r in (*good, *held):
-                self._checked.pop(r.id, None)
-                if r.id in self._wanted:
-                    self._arrived.add(r.id)
-            self._report_progress()
+            self._took([r.id for r in (*good, *held)])
         self.peer._admit_quarantined([r for r in good if r.kind != "data"])
 
     def _apply_arrived(self, good: list[Revision]) -> bool:
@@ -485,16 +481,22 @@ class Side:
             return False
         self.report.fetched += len(good)
         for entry in entries:
-            self._checked.pop(entry.id, None)
-            if entry.id in self._wanted:
-                self._arrived.add(entry.id)
             self.report.applied.append(entry.id)
             if entry.state == CONFLICTED:
                 self.report.conflicted.append(entry.id)
             self._emit("fetched", entry.id)
             self._emit("conflicted" if entry.state == CONFLICTED else "applied", entry.id)
-        self._report_progress()
+        self._took([entry.id for entry in entries])
         return True
+
+    def _took(self, ids: list[str]) -> None:
+        """Forget the announced descriptors of revisions whose payloads were taken, and
+        count them toward progress."""
+        for rev_id in ids:
+            self._checked.pop(rev_id, None)
+            if rev_id in self._wanted:
+                self._arrived.add(rev_id)
+        self._report_progress()
 
     def _report_progress(self, final: bool = False) -> None:
         """Report what arrived of what was wanted; all of it only when ``final``."""
