@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
 
 from txengine.cli import cli
@@ -83,9 +83,6 @@ def test_cli_clone(tmp_path: Path) -> None:
     assert again.exit_code == 1 and "clone needs an empty store" in again.output
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("TXENGINE_SLOW_TESTS"),
-                    reason="set TXENGINE_SLOW_TESTS=1 to clone 10,000 revisions")
 def test_clone_of_ten_thousand_revisions(tmp_path: Path) -> None:
     source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
     with Peer.open(source_url, peer_id="source") as source:
@@ -94,3 +91,36 @@ def test_clone_of_ten_thousand_revisions(tmp_path: Path) -> None:
             assert copy.snapshot() == source.snapshot()
             assert heads(copy) == heads(source)
             assert copy.verify(replay=True).ok
+
+
+def test_clone_of_data_revisions_replays_in_one_pass(tmp_path: Path) -> None:
+    """A data-only history is applied as it is recorded: no revision is ever announced."""
+    source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
+    with Peer.open(source_url, peer_id="source") as source:
+        fill(source, 30, ("default", "user:1"))
+        with Peer.clone(source_url, target, "copy", batch_size=7) as copy:
+            actions = [e.action for e in copy.audit()]
+            assert "announce" not in actions and "receive" not in actions
+            assert actions.count("integrate") == 5  # one audit row a batch of 7
+            assert copy.snapshot() == source.snapshot()
+            assert copy.verify(replay=True).ok
+
+
+def test_clone_of_a_tampered_source_refuses_that_revision_alone(tmp_path: Path) -> None:
+    """A payload edited in the source's ledger is refused; the rest of the history arrives."""
+    source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
+    with Peer.open(source_url, peer_id="source") as source:
+        for n in range(20):
+            with source.transaction(f"rev {n}", partition=f"p{n % 2}") as tx:
+                tx.insert("items", {"_id": n, "n": n})
+        bad = [h.id for h in source.history() if h.partition == "p1"][0]
+    engine = sa.create_engine(f"sqlite:///{source_url}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE txengine_revisions SET payload = :p WHERE id = :i"),
+                     {"p": b"[]", "i": bad})
+    engine.dispose()
+    with Peer.clone(source_url, target, "copy", batch_size=4) as copy:
+        assert bad not in {h.id for h in copy.history()}
+        assert len(copy.find("items", partition="p0")) == 10  # the other partition is whole
+        refusals = [e for e in copy.audit(bad) if e.outcome == "refused"]
+        assert refusals and "the payload was altered" in refusals[0].detail["reason"]

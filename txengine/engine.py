@@ -652,41 +652,38 @@ class Engine:
 
     # -- intake ----------------------------------------------------------------
     def receive(self, items: Sequence[tuple[dict[str, Any], bytes]],
-                trusted: bool = False, trust: Trust | None = None) -> list[str]:
+                trusted: bool = False, trust: Trust | None = None,
+                apply: bool = False) -> list[str]:
         """Check revisions from outside, record the new ones as fetched; return their ids.
 
         ``trust`` (a peer with a root key) verifies each new one's signature.
+        With ``apply``, a batch that sorts after everything integrated (see
+        :meth:`apply_arrived`) is applied as it is recorded, one INSERT a
+        revision: how a clone replays a whole history in one pass.
         """
         with paused_gc():
             new = check_batch(self, items, trusted, trust)
-        if new:
+        if new and not (apply and self.apply_arrived(new, recorded=False) is not None):
             self.ledger.insert_many([(rev, FETCHED, None) for rev in new])
             self.ledger.audit_many([("receive", r.id, "ok", 0.0, {}) for r in new])
             self.store.commit()
-            for rev in new:
-                self.graph.add(node_of(rev.descriptor))
-                self.pending.add(rev.id)
-                self.partition[rev.id] = rev.partition
-                self.messages[rev.id] = rev.message
-                self.held.add(rev.partition, rev.descriptor["origin"], rev.descriptor["seq"],
-                              rev.id)
-                if rev.descriptor["origin"] == self.origin:
-                    self.seqs[rev.partition] = max(self.seqs.get(rev.partition, 0),
-                                                   rev.descriptor["seq"])
-                    self.clock.absorb(rev.hlc)
+            self.add_fetched(new)
         return [rev.id for rev in new]
 
     def add_fetched(self, revs: Sequence[Revision], quarantined: Sequence[Revision] = ()
                     ) -> None:
-        """Take revisions whose payloads sync just recorded into the in-memory state."""
+        """Take revisions whose payloads were just recorded into the in-memory state."""
         for rev in revs:
-            node = node_of(rev.descriptor)
-            self.graph.add(node)
+            d = rev.descriptor
+            self.graph.add(node_of(d))
             self.pending.add(rev.id)
             self.quarantined.pop(rev.id, None)
             self.partition[rev.id] = rev.partition
             self.messages[rev.id] = rev.message
-            self.held.add(rev.partition, rev.descriptor["origin"], rev.descriptor["seq"], rev.id)
+            self.held.add(rev.partition, d["origin"], d["seq"], rev.id)
+            if d["origin"] == self.origin:  # this peer's own, back from elsewhere
+                self.seqs[rev.partition] = max(self.seqs.get(rev.partition, 0), d["seq"])
+                self.clock.absorb(rev.hlc)
         for rev in quarantined:
             self.quarantined[rev.id] = node_of(rev.descriptor)
             self.partition[rev.id] = rev.partition
@@ -701,7 +698,8 @@ class Engine:
         self.run(steps, "integrate", progress)
         return steps
 
-    def apply_arrived(self, revs: Sequence[Revision]) -> list[Applied] | None:
+    def apply_arrived(self, revs: Sequence[Revision], recorded: bool = True
+                      ) -> list[Applied] | None:
         """Apply announced data revisions as their payloads arrive, when that is safe.
 
         Safe when nothing else waits to be integrated and the first of ``revs``
@@ -711,8 +709,10 @@ class Engine:
         append them, so they are applied now and stored with their payload and
         undo record in one UPDATE each (not store, read back, mark applied),
         under one audit row per batch. The common case of a clone, a bundle
-        or a sync from a peer that is ahead. Returns None, having done nothing,
-        when the general path (:meth:`integrate`) must run.
+        or a sync from a peer that is ahead. ``recorded`` says the descriptors
+        are in the ledger already (announced by sync); if not, each revision
+        is inserted whole. Returns None, having done nothing, when the general
+        path (:meth:`integrate`) must run.
         """
         if (not revs or any(r.kind != "data" for r in revs) or self.pending
                 or revs[0].hlc <= self.clock.last):
@@ -734,7 +734,11 @@ class Engine:
                     if conflicts:
                         audit += [("conflict", rev.id, "conflict", 0.0, c) for c in conflicts]
                 work.flush()
-                self.ledger.fill_applied(revs, entries)
+                if recorded:
+                    self.ledger.fill_applied(revs, entries)
+                else:
+                    self.ledger.insert_many([(r, e.state, e) for r, e in
+                                             zip(revs, entries, strict=True)])
                 steps = [Step("apply", r.id) for r in revs]
                 audit.append(("integrate", None, "ok", _ms(started), {
                     "count": len(revs), "first": revs[0].id, "last": revs[-1].id,

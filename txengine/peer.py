@@ -681,11 +681,14 @@ class Peer:
         sent. With ``from_checkpoint``, each partition starts from the
         source's newest checkpoint instead: its snapshot is loaded (checked
         against the checkpoint's digest) and only what follows is replayed
-        (see :mod:`txengine.checkpoint`). Payloads move ``batch_size`` a message,
-        each batch one commit. The new peer installs the source's root key,
+        (see :mod:`txengine.checkpoint`). A history of data revisions only is
+        replayed in one pass instead, each batch checked as any intake and
+        applied as it is recorded (see :mod:`txengine.clone`). Payloads move
+        ``batch_size`` at a time, each batch one commit. The new peer installs the source's root key,
         if it has one, before the first descriptor arrives, so what it replays
         is verified as any sync would. Returns the new, open peer (close it).
         """
+        from .clone import replay, replayable
         from .sync import Side
         from .transport import bundle
 
@@ -705,11 +708,19 @@ class Peer:
                     bootstrap_from(origin, new, partition, progress)
                     since = Side(new).vector()
                 sender = Side(origin, batch_size)
-                header, messages = bundle.outgoing(sender, since, partition)
+                ids = None if from_checkpoint else replayable(origin, partition)
                 new._take_lease()
-                receiver = Side(new, batch_size)
-                bundle.apply(receiver, header, messages, str(source), progress)
-                ack = receiver.vector()
+                done = False
+                if ids is not None:
+                    try:
+                        replay(origin, new, ids, batch_size, progress)
+                        done = True
+                    except TxEngineError:  # a bad revision: sync refuses it alone, takes the rest
+                        since = Side(new).vector()
+                if not done:
+                    header, messages = bundle.outgoing(sender, since, partition)
+                    bundle.apply(Side(new, batch_size), header, messages, str(source), progress)
+                ack = Side(new).vector()
                 ack["type"] = "ack"
                 sender.handle([ack])
         except BaseException:
