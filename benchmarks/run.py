@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -33,7 +34,7 @@ from txengine import Peer  # noqa: E402
 from txengine.checkpoint import bootstrap  # noqa: E402
 from txengine.ledger import descriptor_from_row  # noqa: E402
 from txengine.ops import Insert, Update  # noqa: E402
-from txengine.revision import build, encode_ops  # noqa: E402
+from txengine.revision import Revision, build, encode_ops  # noqa: E402
 from txengine.values import dumps  # noqa: E402
 
 Row = tuple[str, str, str, str, str]
@@ -184,9 +185,20 @@ def history_items(documents: int, per_document: int) -> list[tuple[dict, bytes]]
     return items
 
 
-def bootstrap_scenario(tmp: Path, documents: int, per_document: int, full_replay: bool,
-                       runs: int) -> list[Row]:
-    """A new SQLite peer from a checkpoint's snapshot vs full replay vs raw executemany."""
+@dataclass
+class BootstrapSource:
+    """A source peer with a checkpoint and its snapshot, and the rows the baseline inserts."""
+
+    path: str
+    rev: Revision
+    parents: list[dict]
+    snapshot: Path
+    snapshot_s: float
+    rows: list[tuple[str, str, str, str]]
+
+
+def bootstrap_source(tmp: Path, documents: int, per_document: int) -> BootstrapSource:
+    """Build the source: ``documents`` x ``per_document`` revisions, then a checkpoint."""
     source = str(tmp / f"boot-source-{documents}.db")
     t = time.perf_counter()
     with Peer.open(source, peer_id="hub", batch_size=5000) as hub:
@@ -205,29 +217,45 @@ def bootstrap_scenario(tmp: Path, documents: int, per_document: int, full_replay
         rows = live_rows(hub)
     print(f"  bootstrap source: {documents:,} documents, {documents * per_document:,} revisions"
           f" built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return BootstrapSource(source, rev, parents, snap, snapshot_s, rows)
 
-    def load() -> float:
-        target = str(tmp / f"boot-{time.time_ns()}.db")
-        started = time.perf_counter()
-        with Peer.open(target, peer_id="copy") as copy:
-            bootstrap(copy, rev, parents, snap)
-        return time.perf_counter() - started
 
-    base = _median(lambda: executemany_rows(str(tmp / f"raw-{time.time_ns()}.db"), rows), runs)
-    ours = _median(load, runs)
+def load_checkpoint(tmp: Path, src: BootstrapSource) -> float:
+    """Time opening a new SQLite peer and bootstrapping it from the source's snapshot."""
+    target = str(tmp / f"boot-{time.time_ns()}.db")
+    started = time.perf_counter()
+    with Peer.open(target, peer_id="copy") as copy:
+        bootstrap(copy, src.rev, src.parents, src.snapshot)
+    return time.perf_counter() - started
+
+
+def bootstrap_rows(tmp: Path, src: BootstrapSource, documents: int, per_document: int,
+                   full_replay: bool, runs: int, clone: bool = True) -> list[Row]:
+    """The bootstrap rows of the table, from a built source."""
+    base = _median(lambda: executemany_rows(str(tmp / f"raw-{time.time_ns()}.db"), src.rows),
+                   runs)
+    ours = _median(lambda: load_checkpoint(tmp, src), runs)
     size = f"{documents:,} docs / {documents * per_document:,} revisions"
     out = [_row("bootstrap: load snapshot (checkpoint) vs raw executemany", size, base, ours),
-           ("bootstrap: write the snapshot on the source", size, "-", _s(snapshot_s), "")]
-    clone_s = _timed(lambda: Peer.clone(source, str(tmp / f"c-{time.time_ns()}.db"), "c",
-                                        from_checkpoint=True).close())
-    out.append(_row("bootstrap: clone --checkpoint end to end vs raw executemany", size,
-                    base, clone_s))
+           ("bootstrap: write the snapshot on the source", size, "-", _s(src.snapshot_s), "")]
+    if clone:
+        clone_s = _timed(lambda: Peer.clone(src.path, str(tmp / f"c-{time.time_ns()}.db"), "c",
+                                            from_checkpoint=True).close())
+        out.append(_row("bootstrap: clone --checkpoint end to end vs raw executemany", size,
+                        base, clone_s))
     if full_replay:
-        replay_s = _timed(lambda: Peer.clone(source, str(tmp / f"r-{time.time_ns()}.db"),
+        replay_s = _timed(lambda: Peer.clone(src.path, str(tmp / f"r-{time.time_ns()}.db"),
                                              "r").close())
         out.append(_row("bootstrap: clone by full replay vs raw executemany", size, base,
                         replay_s))
     return out
+
+
+def bootstrap_scenario(tmp: Path, documents: int, per_document: int, full_replay: bool,
+                       runs: int) -> list[Row]:
+    """A new SQLite peer from a checkpoint's snapshot vs full replay vs raw executemany."""
+    src = bootstrap_source(tmp, documents, per_document)
+    return bootstrap_rows(tmp, src, documents, per_document, full_replay, runs)
 
 
 def alembic(tmp: Path, n: int) -> list[Row]:

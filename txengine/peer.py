@@ -684,9 +684,10 @@ class Peer:
         (see :mod:`txengine.checkpoint`). A history of data revisions only is
         replayed in one pass instead, each batch checked as any intake and
         applied as it is recorded (see :mod:`txengine.clone`). Payloads move
-        ``batch_size`` at a time, each batch one commit. The new peer installs the source's root key,
-        if it has one, before the first descriptor arrives, so what it replays
-        is verified as any sync would. Returns the new, open peer (close it).
+        ``batch_size`` at a time, each batch one commit. The new peer installs
+        the source's root key, if it has one, before the first descriptor
+        arrives, so what it replays is verified as any sync would. Returns the
+        new, open peer (close it).
         """
         from .clone import replay, replayable
         from .sync import Side
