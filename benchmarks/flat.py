@@ -1,12 +1,15 @@
 """Scale: do a write, `heads` and a sync of 10 new revisions stay flat as history grows?
 
-Run: python benchmarks/flat.py [--sizes 10000,1000000] [--runs 5]
+Run: python benchmarks/flat.py [--sizes 10000,1000000] [--runs 11] [--data DIR]
 
 For each size N, two SQLite peers share N revisions (the linear history of
 ``sync.py``); then, on the open peers, it times one write, ``heads``, and a
 sync of 10 new revisions (median of ``--runs``), and prints each against the
 smallest size: the target is under 2x from 10,000 to 1,000,000. Opening a
 peer still loads every descriptor (issue 10): that cost is printed apart.
+Building the 1,000,000-revision pair takes minutes: ``--data DIR`` keeps
+the peers there and reuses them on the next run (each run adds a few
+revisions, nothing that moves the sizes).
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ from sync import shared_history  # noqa: E402
 from txengine import Peer  # noqa: E402
 
 
-def measure(n: int, runs: int) -> dict[str, float]:
-    tmp = Path(tempfile.mkdtemp(prefix="txengine-bench-flat-"))
+def build(tmp: Path, n: int) -> None:
+    """Give two peers the same ``n`` revisions, unless ``tmp`` holds them from a past run."""
+    if (tmp / "built").exists():
+        return
+    tmp.mkdir(parents=True, exist_ok=True)
     items = shared_history(n)
     for name in ("alice", "bob"):
         peer = Peer.open(str(tmp / f"{name}.db"), peer_id=name, batch_size=5000)
@@ -35,12 +41,17 @@ def measure(n: int, runs: int) -> dict[str, float]:
             peer.receive(items[i:i + 20_000])
         peer.upgrade("heads")
         peer.close()
-    del items
+    (tmp / "built").write_text(str(n))
+
+
+def measure(n: int, runs: int, data: Path | None) -> dict[str, float]:
+    tmp = data / str(n) if data else Path(tempfile.mkdtemp(prefix="txengine-bench-flat-"))
+    build(tmp, n)
     t = time.perf_counter()
     a = Peer.open(str(tmp / "alice.db"), peer_id="alice")
     opened = time.perf_counter() - t
     b = Peer.open(str(tmp / "bob.db"), peer_id="bob")
-    counter = iter(range(10**9))
+    counter = iter(range(time.time_ns() % n, 10**9))  # reused peers: new values each run
 
     def write() -> None:
         i = next(counter)
@@ -70,10 +81,12 @@ def measure(n: int, runs: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="10000,1000000")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=11)
+    parser.add_argument("--data", type=Path, default=None,
+                        help="keep the built peers here and reuse them on later runs")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    results = {n: measure(n, args.runs) for n in sizes}
+    results = {n: measure(n, args.runs, args.data) for n in sizes}
     base = results[sizes[0]]
     print(f"| operation | {' | '.join(f'{n:,}' for n in sizes)} | ratio |")
     print(f"| --- | {' | '.join('---' for _ in sizes)} | --- |")

@@ -279,3 +279,26 @@ def test_a_plan_that_outlasts_the_lease_takes_it_again_unless_another_wrote(tmp_
         with pytest.raises(StaleLease, match="while this command was planning"):
             peer._engine.run(steps, "upgrade")
         assert peer.find("items") == []
+
+
+def test_a_big_graph_is_frozen_out_of_the_cyclic_collectors_sight(tmp_path, monkeypatch) -> None:
+    """Opening a big history freezes its objects: no full collection walks them later."""
+    import gc
+
+    from txengine import engine
+
+    store = str(tmp_path / "big.db")
+    with Peer.open(store, peer_id="a") as peer:
+        for n in range(5):
+            write(peer, f"w{n}", lambda tx, n=n: tx.insert("items", {"_id": n}))
+    monkeypatch.setattr(engine, "_FREEZE_AT", 5)
+    gc.unfreeze()
+    try:
+        with Peer.open(store, peer_id="a"):
+            assert gc.get_freeze_count() > 0
+        monkeypatch.setattr(engine, "_FREEZE_AT", 6)
+        gc.unfreeze()
+        with Peer.open(store, peer_id="a"):
+            assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()

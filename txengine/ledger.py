@@ -491,13 +491,19 @@ class Ledger(LeaseHolder):
 
     def slots(self, origin: str, partition: str, seqs: Sequence[int]
               ) -> dict[int, tuple[str, str]]:
-        """Return ``{seq: (id, digest)}`` for the taken (origin, partition, seq) slots."""
-        c = revisions.c
+        """Return ``{seq: (id, digest)}`` for the taken (origin, partition, seq) slots.
+
+        On the driver's cursor: every intake batch asks, a chunk of 500 at a time.
+        """
+        ph = placeholder(self.conn)
+        cur = raw_cursor(self.conn)
         out: dict[int, tuple[str, str]] = {}
         for i in range(0, len(seqs), 500):
-            q = sa.select(c.seq, c.id, c.digest).where(
-                c.origin == origin, c.partition == partition, c.seq.in_(seqs[i:i + 500]))
-            out.update({seq: (rid, digest) for seq, rid, digest in self.conn.execute(q)})
+            chunk = list(seqs[i:i + 500])
+            cur.execute(f"SELECT seq, id, digest FROM txengine_revisions WHERE origin = {ph}"
+                        f" AND partition = {ph} AND seq IN ({', '.join([ph] * len(chunk))})",
+                        [origin, partition, *chunk])
+            out.update({seq: (rid, digest) for seq, rid, digest in cur.fetchall()})
         return out
 
     def script_checksums(self) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from .exceptions import ChecksumMismatch, DigestMismatch, MalformedPayload, OversizePayload
 from .ops import Op, op_from_json, op_from_trusted
-from .values import canonical, loads, sha256
+from .values import canonical, encoded_size, loads, sha256
 
 
 class Signer(Protocol):
@@ -148,31 +148,43 @@ def check_digest(descriptor: dict[str, Any]) -> dict[str, Any]:
     return descriptor
 
 
+_REQUIRED = frozenset(FIELDS)
+_ALLOWED = _REQUIRED | frozenset(OPTIONAL_FIELDS)
+
+
+def _strings(value: Any) -> bool:
+    return type(value) is list and all(type(x) is str for x in value)
+
+
 def check_descriptor(descriptor: Any) -> dict[str, Any]:
-    """Check the shape of a descriptor that arrived from outside; return it."""
+    """Check the shape of a descriptor that arrived from outside; return it.
+
+    Every revision from outside passes here, so the common case is a few set
+    and type tests; the messages are built only on failure.
+    """
     if not isinstance(descriptor, dict):
         raise MalformedPayload("a descriptor must be a JSON object")
-    missing = [f for f in FIELDS if f not in descriptor]
-    extra = set(descriptor) - set(FIELDS) - set(OPTIONAL_FIELDS)
-    if missing or extra:
+    keys = descriptor.keys()
+    if not _REQUIRED <= keys <= _ALLOWED:
+        missing = [f for f in FIELDS if f not in descriptor]
         raise MalformedPayload(
-            f"descriptor fields wrong: missing {missing}, unexpected {sorted(extra)}"
+            f"descriptor fields wrong: missing {missing}, unexpected {sorted(keys - _ALLOWED)}"
         )
     d = descriptor
     if d["kind"] not in KINDS:
         raise MalformedPayload(f"unknown revision kind {d['kind']!r}: use one of {KINDS}")
     check_id(d["id"])
     for name in ("parents", "depends_on", "collections", "branch_labels"):
-        if not isinstance(d[name], list) or not all(isinstance(x, str) for x in d[name]):
+        if not _strings(d[name]):
             raise MalformedPayload(f"descriptor {name} must be a list of strings")
     hlc = d["hlc"]
-    if (not isinstance(hlc, list) or len(hlc) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in hlc)):
+    if not (type(hlc) is list and len(hlc) == 2 and type(hlc[0]) is int
+            and type(hlc[1]) is int and hlc[0] >= 0 and hlc[1] >= 0):
         raise MalformedPayload(f"descriptor hlc must be [ms, counter], got {hlc!r}")
-    if not isinstance(d["seq"], int) or isinstance(d["seq"], bool) or d["seq"] < 1:
+    if type(d["seq"]) is not int or d["seq"] < 1:
         raise MalformedPayload(f"descriptor seq must be a positive integer, got {d['seq']!r}")
     for name in ("partition", "origin", "message", "checksum", "digest"):
-        if not isinstance(d[name], str):
+        if type(d[name]) is not str:
             raise MalformedPayload(f"descriptor {name} must be a string")
     sig = d.get("signature")
     if sig is not None:
@@ -180,7 +192,7 @@ def check_descriptor(descriptor: Any) -> dict[str, Any]:
                 and all(isinstance(v, str) and 0 < len(v) <= 200 for v in sig.values())):
             raise MalformedPayload('descriptor signature must be {"key": key id, "sig": base64}')
     body = d if sig is None else {k: v for k, v in d.items() if k != "signature"}
-    if len(canonical(body)) > MAX_DESCRIPTOR_BYTES:  # the signature beside it not counted
+    if encoded_size(body) > MAX_DESCRIPTOR_BYTES:  # the signature beside it not counted
         raise MalformedPayload(f"descriptor exceeds {MAX_DESCRIPTOR_BYTES} bytes")
     return d
 

@@ -103,6 +103,19 @@ def canonical(value: Any) -> bytes:
         raise MalformedPayload(f"value cannot be encoded as canonical JSON: {exc}") from exc
 
 
+def encoded_size(value: Any) -> int:
+    """Return the byte length of ``value``'s canonical JSON without sorting or checking it.
+
+    Key order does not change the length, and for what a descriptor may hold
+    (strings, integers, lists of strings) orjson writes the canonical bytes:
+    a size limit need not pay for the canonical form twice.
+    """
+    try:
+        return len(orjson.dumps(value))
+    except (orjson.JSONEncodeError, TypeError):
+        return len(canonical(value))
+
+
 def dumps(value: Any) -> str:
     """Encode JSON for storage (undo records, documents): fast, not canonical.
 
