@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .clock import Clock, Hlc
 from .exceptions import (
@@ -60,9 +60,12 @@ Key = tuple[str, str, str]
 """A document's identity: (partition, collection, key text)."""
 
 
-@dataclass(frozen=True)
-class Step:
-    """One step of a plan: ``apply``, ``undo``, ``stamp`` or ``unstamp`` one revision."""
+class Step(NamedTuple):
+    """One step of a plan: ``apply``, ``undo``, ``stamp`` or ``unstamp`` one revision.
+
+    A named tuple, not a frozen dataclass: a plan makes one per revision, and
+    100,000 of them cost a third of the time.
+    """
 
     action: str
     revision: str
@@ -219,19 +222,27 @@ class Engine:
         self.clock.absorb(self.graph.get(rev_id).hlc)
 
     def _mark_applied_many(self, positions: dict[str, int]) -> None:
-        """:meth:`_mark_applied` for a committed batch, in order, with the lookups bound once."""
+        """:meth:`_mark_applied` for a committed batch, in order, with the lookups bound once.
+
+        The heads are settled per partition once for the whole batch: a
+        revision of the batch whose child is in it too never becomes a head.
+        """
         applied, partition, get = self.applied, self.partition, self.graph.get
-        all_heads = self.applied_heads
         top = self.clock.last
         self.pending.difference_update(positions)
-        for rev_id, position in positions.items():
-            applied[rev_id] = position
+        applied.update(positions)
+        added: dict[str, set[str]] = defaultdict(set)
+        covered: set[str] = set()
+        for rev_id in positions:
             node = get(rev_id)
-            heads = all_heads[partition[rev_id]]
-            heads.add(rev_id)
-            heads.difference_update(node.parents)
+            added[partition[rev_id]].add(rev_id)
+            covered.update(node.parents)
             if node.hlc > top:
                 top = node.hlc
+        for part, ids in added.items():
+            heads = self.applied_heads[part]
+            heads.update(ids)
+            heads.difference_update(covered)
         self.clock.absorb(top)
 
     def _mark_unapplied(self, rev_id: str) -> None:
