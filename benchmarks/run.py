@@ -232,10 +232,14 @@ def load_checkpoint(tmp: Path, src: BootstrapSource) -> float:
 
 def bootstrap_rows(tmp: Path, src: BootstrapSource, documents: int, per_document: int,
                    full_replay: bool, runs: int, clone: bool = True) -> list[Row]:
-    """The bootstrap rows of the table, from a built source."""
-    base = _median(lambda: executemany_rows(str(tmp / f"raw-{time.time_ns()}.db"), src.rows),
-                   runs)
-    ours = _median(lambda: load_checkpoint(tmp, src), runs)
+    """The bootstrap rows of the table, from a built source (loads interleaved, medians)."""
+    bases, loads = [], []
+    for _ in range(runs):
+        bases.append(executemany_rows(str(tmp / f"raw-{time.time_ns()}.db"), src.rows))
+        loads.append(load_checkpoint(tmp, src))
+    base, ours = statistics.median(bases), statistics.median(loads)
+    print(f"  bootstrap runs: executemany {', '.join(map(_s, bases))};"
+          f" load {', '.join(map(_s, loads))}", file=sys.stderr)
     size = f"{documents:,} docs / {documents * per_document:,} revisions"
     out = [_row("bootstrap: load snapshot (checkpoint) vs raw executemany", size, base, ours),
            ("bootstrap: write the snapshot on the source", size, "-", _s(src.snapshot_s), "")]

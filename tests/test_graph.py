@@ -550,3 +550,29 @@ def test_validate_of_a_100k_chain_with_a_cycle_at_its_base_is_iterative() -> Non
     graph.remove("r0")
     graph.add(Node("r0", ("r1",), hlc=(1, 0)))
     assert [rid for rid, _ in graph.validate()] == ["r0"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 3), st.booleans(),
+                          st.integers(0, 3), st.booleans()), min_size=1, max_size=30),
+       st.data())
+def test_the_kept_canonical_order_equals_a_fresh_sort(specs, data) -> None:
+    """Adds in any order (late parents, barriers, removals): the order kept across them is
+    always the order a fresh sort of the same ids gives, for the whole graph and subsets."""
+    graph = Graph()
+    ids: list[str] = []
+    for n, (ms, parent, barrier, counter, remove) in enumerate(specs):
+        rid = f"r{n}"
+        parents = (f"r{parent % n}",) if n and parent else ()
+        graph.add(Node(rid, parents, hlc=(ms, counter), origin=f"o{counter}",
+                       kind="checkpoint" if barrier and n % 5 == 4 else "data"))
+        ids.append(rid)
+        if remove and len(ids) > 2 and n % 3 == 0:
+            graph.remove(ids.pop(0))
+        fresh = sorted(ids, key=graph.sort_key)
+        assert graph.canonical_order() == fresh
+        subset = data.draw(st.lists(st.sampled_from(ids), unique=True))
+        assert graph.canonical_order(subset) == [r for r in fresh if r in set(subset)]
+        assert graph.canonical_order(set(subset)) == [r for r in fresh if r in set(subset)]
+    with pytest.raises(RevisionNotFound):
+        graph.canonical_order([*ids, "unknown"])
