@@ -124,3 +124,34 @@ def test_clone_of_a_tampered_source_refuses_that_revision_alone(tmp_path: Path) 
         assert len(copy.find("items", partition="p0")) == 10  # the other partition is whole
         refusals = [e for e in copy.audit(bad) if e.outcome == "refused"]
         assert refusals and "the payload was altered" in refusals[0].detail["reason"]
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_a_clone_longer_than_the_lease_keeps_it(tmp_path: Path, monkeypatch, one_pass) -> None:
+    """Each batch extends the apply lease: a clone (or a sync leg) that outlasts one lease
+    does not stop with StaleLease halfway."""
+    import time
+
+    from txengine import ledger as ledger_module
+    from txengine.engine import Engine
+
+    source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
+    with Peer.open(source_url, peer_id="source") as source:
+        fill(source, 24)
+        if not one_pass:  # a barrier in the history: the clone goes through sync's messages
+            source.trust_sequencer("source")
+            source.checkpoint()
+    init, apply_arrived = ledger_module.Ledger.__init__, Engine.apply_arrived
+
+    def short_lease(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        self.lease_seconds = 1.0
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.3)
+        return apply_arrived(self, *args, **kwargs)
+
+    monkeypatch.setattr(ledger_module.Ledger, "__init__", short_lease)
+    monkeypatch.setattr(Engine, "apply_arrived", slow)
+    with Peer.clone(source_url, target, "copy", batch_size=4) as copy:  # 6 batches, ~2 s
+        assert copy.snapshot() == Peer.open(source_url).snapshot()

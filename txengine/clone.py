@@ -51,6 +51,7 @@ def replay(source: Peer, target: Peer, ids: list[str], batch_size: int,
         progress(Progress("fetch", 0, total))
     for start in range(0, total, batch_size):
         chunk = ids[start:start + batch_size]
+        target._ledger.keep_lease()  # a long clone outlasts it
         rows = source._ledger.rows(chunk, *DESCRIPTOR_COLUMNS, "payload")
         source._store.rollback()
         engine.receive([(descriptor_from_row(rows[r]), payload_of(rows[r])) for r in chunk],

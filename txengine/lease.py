@@ -23,7 +23,8 @@ class LeaseHolder:
     _lease_token: int | None
     _lease_expires: float
     acquire_lease: Callable[..., bool]
-    """Each ledger takes the lease with its own compare-and-set."""
+    renew_lease: Callable[[], None]
+    """Each ledger takes and renews the lease with its own compare-and-set."""
 
     def _holder(self) -> str:
         return f"{self.peer_id}@{socket.gethostname()}:{os.getpid()}"
@@ -49,6 +50,13 @@ class LeaseHolder:
                 "the apply lease expired before this write: another process may have written;"
                 " retry the command"
             )
+
+    def keep_lease(self) -> None:
+        """Between the batches of a long intake (a big bundle, sync leg or clone), extend
+        the lease this process holds, so it does not run out halfway; raise StaleLease
+        when another process took it. Does nothing when no lease is held. Commits."""
+        if self._lease_token is not None:
+            self.renew_lease()
 
     def reclaim_lease(self) -> None:
         """Renew the lease this process took before a long pause (planning a million

@@ -19,12 +19,15 @@ import sqlalchemy as sa
 from .engine import Engine, ProgressCallback, Step, decode_steps, paused_gc
 from .exceptions import (
     ConfigError,
+    IntegrityError,
     InvalidInput,
     IrreversibleRevision,
     MalformedPayload,
     PinnedPeer,
+    RevisionError,
     StoreError,
     TxEngineError,
+    UntrustedScript,
 )
 from .keys import KeyInfo, KeyPair, Trust
 from .ledger import BASE, REFUSED, AuditEntry, Ledger, descriptor_from_row, payload_of
@@ -710,16 +713,17 @@ class Peer:
                     since = Side(new).vector()
                 sender = Side(origin, batch_size)
                 ids = None if from_checkpoint else replayable(origin, partition)
-                new._take_lease()
                 done = False
                 if ids is not None:
+                    new._take_lease()
                     try:
                         replay(origin, new, ids, batch_size, progress)
                         done = True
-                    except TxEngineError:  # a bad revision: sync refuses it alone, takes the rest
-                        since = Side(new).vector()
+                    except (InvalidInput, IntegrityError, RevisionError, UntrustedScript):
+                        since = Side(new).vector()  # a bad revision: sync refuses it alone
                 if not done:
                     header, messages = bundle.outgoing(sender, since, partition)
+                    new._take_lease()  # after reading the source, which can take long
                     bundle.apply(Side(new, batch_size), header, messages, str(source), progress)
                 ack = Side(new).vector()
                 ack["type"] = "ack"

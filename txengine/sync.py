@@ -437,6 +437,7 @@ class Side:
         order = sorted(announced, key=lambda r: (*announced[r]["hlc"], announced[r]["origin"], r))
         for i in range(0, len(order), self.batch_size):
             chunk = order[i:i + self.batch_size]
+            self.peer._ledger.keep_lease()  # a big leg can outlast it
             self._take_payloads({r: announced[r] for r in chunk}, {r: payloads[r] for r in chunk})
 
     def _writable_payloads(self, announced: dict[str, dict[str, Any]]
