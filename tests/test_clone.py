@@ -141,6 +141,7 @@ def test_a_clone_longer_than_the_lease_keeps_it(tmp_path: Path, monkeypatch, one
         if not one_pass:  # a barrier in the history: the clone goes through sync's messages
             source.trust_sequencer("source")
             source.checkpoint()
+        expected = source.snapshot()
     init, apply_arrived = ledger_module.Ledger.__init__, Engine.apply_arrived
 
     def short_lease(self, *args, **kwargs) -> None:
@@ -154,4 +155,33 @@ def test_a_clone_longer_than_the_lease_keeps_it(tmp_path: Path, monkeypatch, one
     monkeypatch.setattr(ledger_module.Ledger, "__init__", short_lease)
     monkeypatch.setattr(Engine, "apply_arrived", slow)
     with Peer.clone(source_url, target, "copy", batch_size=4) as copy:  # 6 batches, ~2 s
-        assert copy.snapshot() == Peer.open(source_url).snapshot()
+        assert copy.snapshot() == expected
+
+
+def test_an_intake_step_that_outlasts_the_lease_takes_it_again(tmp_path: Path, monkeypatch) -> None:
+    """A single batch longer than the whole lease: the next batch re-takes the lease
+    (nobody else held it) rather than stopping."""
+    import time
+
+    from txengine import ledger as ledger_module
+    from txengine.engine import Engine
+
+    source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
+    with Peer.open(source_url, peer_id="source") as source:
+        fill(source, 8)
+        expected = source.snapshot()
+    init, receive = ledger_module.Ledger.__init__, Engine.receive
+
+    def short_lease(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        self.lease_seconds = 0.5
+
+    def slow(self, *args, **kwargs):
+        result = receive(self, *args, **kwargs)
+        time.sleep(0.6)  # after the batch committed: the lease runs out before the next
+        return result
+
+    monkeypatch.setattr(ledger_module.Ledger, "__init__", short_lease)
+    monkeypatch.setattr(Engine, "receive", slow)
+    with Peer.clone(source_url, target, "copy", batch_size=4) as copy:
+        assert copy.snapshot() == expected

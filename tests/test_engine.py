@@ -276,7 +276,7 @@ def test_a_plan_that_outlasts_the_lease_takes_it_again_unless_another_wrote(tmp_
         peer._ledger.conn.commit()
         with Peer.open(store) as other:  # the same peer, in another process
             other._take_lease()  # another process takes the expired lease, then leaves
-        with pytest.raises(StaleLease, match="while this command was planning"):
+        with pytest.raises(StaleLease, match="while this command was running"):
             peer._engine.run(steps, "upgrade")
         assert peer.find("items") == []
 

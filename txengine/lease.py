@@ -55,8 +55,12 @@ class LeaseHolder:
         """Between the batches of a long intake (a big bundle, sync leg or clone), extend
         the lease this process holds, so it does not run out halfway; raise StaleLease
         when another process took it. Does nothing when no lease is held. Commits."""
-        if self._lease_token is not None:
+        if self._lease_token is None:
+            return
+        if time.time() < self._lease_expires:
             self.renew_lease()
+        else:  # a long step outlasted it: take it again unless another process held it
+            self.reclaim_lease()
 
     def reclaim_lease(self) -> None:
         """Renew the lease this process took before a long pause (planning a million
@@ -65,8 +69,8 @@ class LeaseHolder:
         if self._lease_token is None:
             raise StaleLease("no apply lease is held: take it before writing")
         if self.acquire_lease():
-            raise StaleLease("another process wrote while this command was planning: run it"
-                             " again")
+            raise StaleLease("another process took the apply lease while this command was"
+                             " running, and may have written: run the command again")
 
     @staticmethod
     def _lost() -> StaleLease:
