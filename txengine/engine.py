@@ -125,6 +125,14 @@ def node_of(descriptor: dict[str, Any]) -> Node:
                 tuple(descriptor["branch_labels"]))
 
 
+_REFRESHABLE = frozenset({
+    "apply", "undo", "stamp", "unstamp", "receive", "announce", "fetch", "quarantine",
+    "release", "refuse", "conflict", "skip", "pin", "unpin", "peers_add", "peers_grant",
+    "peers_revoke_grant", "peers_remove",
+})
+"""Audit actions whose effect :meth:`Engine.refresh` takes from the revisions they name
+(a batch row names its steps); any other action makes the process load the ledger again."""
+
 _FREEZE_AT = 50_000
 """Graphs this big are frozen out of the cyclic collector's sight (see :meth:`Engine.load`)."""
 
@@ -158,6 +166,9 @@ class Engine:
 
     def _load(self) -> None:
         self.ledger.observe_lease()
+        # Read first: whatever commits after it is taken again by the next refresh.
+        self._audit_seen: int | None = (self.ledger.audit_seq()
+                                        if hasattr(self.ledger, "audit_since") else None)
         self.graph = Graph()
         self.partition: dict[str, str] = {}
         self.messages: dict[str, str] = {}
@@ -212,6 +223,91 @@ class Engine:
         """Known, not applied: kept as the applied set changes, so a sync of a few new
         revisions never scans the whole graph for them."""
         self.store.rollback()
+
+    def refresh(self) -> bool:
+        """Catch up with what other processes recorded since this one loaded; say whether
+        it could (if not, :meth:`load` must run).
+
+        Every change of a revision's local state writes an audit row naming it
+        (a batch names its steps), and the audit is append-only: re-reading
+        only those ledger rows brings the graph, the applied set and the heads
+        up to date, at a cost that follows what changed, not the history. A
+        full load takes seconds at a million revisions, and every process
+        serving one store paid it after each write of another. What a refresh
+        cannot take — code or barriers, a new epoch, a checkpoint, trust
+        changes, a revision leaving the graph — returns False.
+        """
+        if self._audit_seen is None:
+            return False
+        self.ledger.observe_lease()
+        entries = self.ledger.audit_since(self._audit_seen)
+        touched: set[str] = set()
+        for _seq, rev_id, action, detail in entries:
+            if rev_id is not None:
+                touched.add(rev_id)
+            steps = loads(detail).get("steps") if '"steps"' in detail else None
+            if steps:
+                touched.update(step.revision for step in decode_steps(steps))
+            elif action not in _REFRESHABLE:
+                return False
+        rows = self.ledger.rows(sorted(touched), "partition", "kind", "origin", "hlc_ms",
+                                "hlc_c", "parents", "depends_on", "branch_labels", "position",
+                                "message", "seq", "state")
+        self.store.rollback()
+        changed: list[str] = []
+        for rev_id in touched:
+            row = rows.get(rev_id)
+            known = rev_id in self.graph or rev_id in self.quarantined
+            if row is not None and row.origin == self.origin:
+                self.seqs[row.partition] = max(self.seqs.get(row.partition, 0), row.seq)
+            if row is None or row.state in (ANNOUNCED, REFUSED):
+                if known:  # left the graph: a refusal, a new epoch
+                    return False
+                if row is not None and row.state == REFUSED:
+                    self.held.add(row.partition, row.origin, row.seq, rev_id)
+                continue
+            if row.kind != "data" or row.state == BASE:
+                return False
+            node = Node(rev_id, _id_tuple(row.parents), _id_tuple(row.depends_on),
+                        (row.hlc_ms, row.hlc_c), row.origin, row.kind,
+                        _id_tuple(row.branch_labels))
+            self.held.add(row.partition, row.origin, row.seq, rev_id)
+            self.partition[rev_id] = row.partition
+            if row.origin == self.origin:
+                self.clock.absorb(node.hlc)
+            if row.state == QUARANTINED:
+                if rev_id in self.graph:
+                    return False
+                self.quarantined[rev_id] = node
+                continue
+            self.quarantined.pop(rev_id, None)
+            if rev_id not in self.graph:
+                self.graph.add(node)
+            self.messages[rev_id] = row.message
+            if row.state == CONFLICTED:
+                self.conflicted.add(rev_id)
+            else:
+                self.conflicted.discard(rev_id)
+            if row.position is None:
+                self.applied.pop(rev_id, None)
+                self.pending.add(rev_id)
+            else:
+                self.applied[rev_id] = row.position
+                self.pending.discard(rev_id)
+                self.clock.absorb(node.hlc)
+                self.next_position = max(self.next_position, row.position + 1)
+            changed.append(rev_id)
+        graph, applied = self.graph, self.applied
+        for rev_id in {r for c in changed for r in (c, *graph.get(c).parents)}:
+            if rev_id in graph:
+                heads = self.applied_heads[self.partition[rev_id]]
+                if rev_id in applied and not graph.any_child_in(rev_id, applied):
+                    heads.add(rev_id)
+                else:
+                    heads.discard(rev_id)
+        if entries:
+            self._audit_seen = entries[-1][0]
+        return True
 
     def _mark_applied(self, rev_id: str, position: int) -> None:
         self.applied[rev_id] = position

@@ -564,6 +564,19 @@ class Ledger(LeaseHolder):
         if params:
             raw_cursor(self.conn).executemany(self._sql["audit"], params)
 
+    def audit_seq(self) -> int:
+        """Return the newest audit row's seq (0 when empty): where a refresh starts."""
+        cur = raw_cursor(self.conn)
+        cur.execute("SELECT max(seq) FROM txengine_audit")
+        return int(cur.fetchone()[0] or 0)
+
+    def audit_since(self, seq: int) -> list[tuple[int, str | None, str, str]]:
+        """Return (seq, revision, action, detail JSON) of the audit rows after ``seq``."""
+        cur = raw_cursor(self.conn)
+        cur.execute("SELECT seq, revision, action, detail FROM txengine_audit WHERE seq >"
+                    f" {placeholder(self.conn)} ORDER BY seq", (seq,))
+        return [tuple(r) for r in cur.fetchall()]
+
     def audit_entries(self, revision: str | None = None) -> list[AuditEntry]:
         """Return audit rows, oldest first; with ``revision``, those that name it."""
         q = sa.select(audit).order_by(audit.c.seq)

@@ -204,11 +204,17 @@ class Peer:
         self.key  # noqa: B018 - made or read before the write's transaction, not inside it
 
     def _take_lease(self) -> None:
-        """Hold the apply lease; reload what another process may have changed meanwhile."""
+        """Hold the apply lease; take in what another process may have changed meanwhile."""
         if self._ledger.acquire_lease():
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Take in what other processes recorded: from the audit when the engine can
+        (:meth:`Engine.refresh`), else by loading the ledger again."""
+        if not self._engine.refresh():
             self._engine.load()
-            self._pinned = None
-            self._root_read = False
+        self._pinned = None
+        self._root_read = False
 
     def transaction(self, message: str, partition: str = DEFAULT_PARTITION) -> Transaction:
         """Start a write: every op inside the ``with`` block becomes one data revision."""
@@ -565,9 +571,7 @@ class Peer:
         by not taking it leaves the other processes' memory current.
         """
         if self._ledger.lease_token() != self._ledger.token_seen:
-            self._engine.load()
-            self._pinned = None
-            self._root_read = False
+            self._catch_up()
 
     def lease_token(self) -> int:
         """Return the apply lease's fencing token: it grows whenever a process takes the
