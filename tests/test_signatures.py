@@ -7,6 +7,7 @@ Every refusal leaves the receiving store unchanged (data and ledger).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import write
+from test_verify import tamper
 
 from txengine import Peer
 from txengine.exceptions import RevokedKey, SignatureError, UnknownSigner, UntrustedScript
@@ -483,3 +485,165 @@ def test_precheck_verifies_signatures_so_intake_under_the_lease_need_not(peers, 
     before = state(hub)
     assert codes(offer(hub, *forged)) == ["unknown_signer"]
     assert state(hub) == before
+
+
+# -- verify re-checks signatures ----------------------------------------------------------------
+#
+# Tampering goes straight into ``txengine_revisions.signature`` (a JSON text column) through a
+# separate connection, as tests/test_verify.py does for the other columns.
+
+
+def tamper_signature(peer: Peer, rev_id: str, signature: Any) -> None:
+    tamper(str(peer.sa_engine.url), "UPDATE txengine_revisions SET signature = :v WHERE id = :id",
+           v=None if signature is None else json.dumps(signature), id=rev_id)
+
+
+def relayed(peers: dict[str, Peer]) -> str:
+    """alice writes, the hub relays it to carol; return its id."""
+    rev = write(peers["alice"], 1, name="Ada")
+    peers["alice"].sync(peers["hub"])
+    assert peers["carol"].sync(peers["hub"]).local.refused == []
+    return rev
+
+
+def forged_sig(signature: dict[str, str]) -> dict[str, str]:
+    """The same key id with other (well-formed, 64-byte) signature bytes."""
+    raw = bytearray(base64.b64decode(signature["sig"]))
+    raw[0] ^= 0xFF
+    return {"key": signature["key"], "sig": base64.b64encode(bytes(raw)).decode()}
+
+
+@pytest.mark.parametrize("how, named", [
+    ("stripped", "is not signed"),
+    ("swapped", "is signed by key {bob}, enrolled for 'bob', not for its origin 'alice'"),
+    ("forged", "has a signature by key {alice} that does not verify"),
+])
+def test_verify_names_a_revision_whose_signature_was_edited_in_the_ledger(peers, how, named):
+    """The signature is outside the digest: only a signature check sees it edited."""
+    alice, bob, carol = peers["alice"], peers["bob"], peers["carol"]
+    rev = relayed(peers)
+    assert carol.verify().ok
+    genuine = carol.revision(rev).descriptor["signature"]
+    digest = carol.revision(rev).descriptor["digest"]
+    tamper_signature(carol, rev, {"stripped": None, "swapped": bob.key.sign(digest),
+                                  "forged": forged_sig(genuine)}[how])
+    report = carol.verify()
+    assert not report.ok
+    (finding,) = report.findings
+    assert finding.revision == rev
+    assert finding.problem.startswith(
+        f"revision {rev[:12]} {named.format(alice=alice.key.id, bob=bob.key.id)}: ")
+    assert finding.problem.endswith("clone this peer again from a rooted peer")
+    assert "\n" not in finding.problem
+
+
+def test_verify_names_a_barrier_signed_by_a_peer_that_is_no_sequencer(peers):
+    """A config the hub (sequencer) signed, re-signed in the ledger by alice's genuine key."""
+    alice, hub, carol = peers["alice"], peers["hub"], peers["carol"]
+    config = hub.configure(policies={"items": "reject"}).id
+    carol.sync(hub)
+    assert carol.verify().ok
+    tamper_signature(carol, config, alice.key.sign(carol.revision(config).descriptor["digest"]))
+    (finding,) = carol.verify().findings
+    assert finding.revision == config
+    assert finding.problem.startswith(
+        f"revision {config[:12]} is a config signed by 'alice', neither the root nor a"
+        " sequencer of partition 'default' ('hub'): the signature column was altered")
+
+
+def test_verify_survives_a_signature_column_that_is_not_json(peers):
+    carol = peers["carol"]
+    rev = relayed(peers)
+    tamper(str(carol.sa_engine.url), "UPDATE txengine_revisions SET signature = :v WHERE id = :id",
+           v="{not json", id=rev)
+    (finding,) = carol.verify().findings
+    assert finding.revision == rev
+    assert finding.problem.startswith(f"revision {rev[:12]}: its ledger row does not decode (")
+
+
+def test_clean_rooted_peers_verify_clean_having_checked_every_signature(peers, root,
+                                                                        monkeypatch):
+    """Enrolments, relayed revisions of several peers, a config, a revocation after some
+    revisions, a revision of the revoked key held before the revocation reached this
+    peer, and a sequencer handover: no finding anywhere, and every signature checked."""
+    import txengine.keys as keys
+
+    alice, bob, hub, carol = peers["alice"], peers["bob"], peers["hub"], peers["carol"]
+    write(alice, 1)
+    write(bob, 2)
+    for peer in (alice, bob, carol):
+        peer.sync(hub)
+    hub.configure(policies={"items": "reject"})
+    hub.revoke(root, [alice.key.id])
+    late = write(alice, 3)  # before alice knows; carol takes it before she knows too
+    assert carol.sync(alice).local.refused == []
+    assert [r.code for r in carol.sync(hub).remote.refused] == ["revoked_key"]
+    hub.configure(sequencer="bob")  # hand over: the hub's barriers stay good
+    for peer in (bob, carol, alice):
+        peer.sync(hub)
+    handed = bob.configure(policies={"items": "rules"}).id
+    assert carol.sync(bob).local.refused == []
+    assert {late, handed} <= {r.id for r in carol.history()}
+
+    checked: set[str] = set()
+    real = keys.verify
+    monkeypatch.setattr(keys, "verify", lambda public, digest, sig: (
+        checked.add(digest) or real(public, digest, sig)))
+    for name, peer in peers.items():
+        report = peer.verify()
+        assert report.ok, (name, report.findings)
+        held = {peer.revision(r.id).descriptor["digest"] for r in peer.history()}
+        assert held <= checked, name
+
+
+def test_revision_written_after_its_keys_revocation_is_named(peers, root):
+    """The revoking config is in its ancestry, so no rooted peer took it: named. What the
+    key signed before (in that ancestry, or beside it) is not."""
+    alice, hub = peers["alice"], peers["hub"]
+    kept = write(alice, 1)
+    alice.sync(hub)
+    revoking = hub.revoke(root, [alice.key.id]).id
+    beside = write(alice, 2)
+    assert [r.code for r in alice.sync(hub).remote.refused] == ["revoked_key"]  # `beside`
+    after = write(alice, 3)
+    report = alice.verify()
+    assert [f.revision for f in report.findings] == [after]
+    assert report.findings[0].problem.startswith(
+        f"revision {after[:12]} is signed by key {alice.key.id}, which config {revoking[:12]}"
+        " in its ancestry revoked, so rooted peers refuse it: if this peer wrote it")
+    assert {kept, beside} <= {r.id for r in alice.history()}
+
+
+def test_open_mode_verify_is_unchanged_and_what_it_took_is_named_once_rooted(peers, root,
+                                                                           tmp_path):
+    """No root key: verify checks no signature (an unsigned revision passes). Once a root
+    is installed, what was stored before is named only if its signature fails, worded
+    apart, with what to do next."""
+    hub = peers["hub"]
+    signed = relayed(peers)
+    with Peer.open(str(tmp_path / "late.db"), peer_id="late") as late:
+        late.trust_sequencer("hub")
+        assert late.sync(hub).local.refused == []
+        unsigned_desc, payload = data_descriptor("mallory:0", None)
+        assert codes(offer(late, unsigned_desc, payload)) == []
+        genuine = late.revision(signed).descriptor["signature"]
+        tamper_signature(late, signed, None)
+        assert late.root_key() is None
+        report = late.verify()
+        assert report.ok and report.checked == len(late.history())
+
+        tamper_signature(late, signed, genuine)
+        late.install_root(root.public_text)
+        own = write(late, 5)  # after the root, by a key the root has not enrolled yet
+        problems = {f.revision: f.problem for f in late.verify().findings}
+        assert problems.pop(own).startswith(
+            f"revision {own[:12]} is signed by key {late.key.id}, which the root has not"
+            " enrolled: if that key belongs to 'late', sync the config that enrolls it")
+        hub.enroll(root, {"late": late.key.public_text})
+        late.sync(hub)
+        assert list(problems) == [unsigned_desc["id"]]
+        (finding,) = late.verify().findings
+        assert finding.revision == unsigned_desc["id"]
+        assert finding.problem.startswith(
+            f"revision {unsigned_desc['id'][:12]} was stored before this peer's root key was"
+            " installed, so it was never verified, and it is not signed: review it")

@@ -533,7 +533,10 @@ def audit(rev: str | None) -> Output:
               help="Also replay the applied chain into a scratch store and compare the data.")
 @output_options
 def verify(replay: bool) -> Output:
-    """Check every checksum, digest and the chain; exit 1 on any finding."""
+    """Check checksums, digests, signatures, chain; exit 1 on any finding.
+
+    Signatures are checked on a peer with a root key installed (see docs/security.md).
+    """
     report = open_peer().verify(replay=replay)
     return Output([report], verify_lines, single=True, exit_code=0 if report.ok else 1)
 

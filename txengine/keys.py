@@ -13,8 +13,10 @@ enrolls and revokes peer keys through ``config`` revisions it signs
 root installed runs in open mode and checks no signature. See
 docs/security.md.
 
-Signatures are verified once, when a descriptor arrives (``intake``); replay,
-upgrade and integration never verify again.
+Signatures are verified when a descriptor arrives (``intake``); replay,
+upgrade and integration never verify again. ``verify`` checks every held
+revision's signature once more (:meth:`Trust.held_fault`): the signature is
+outside the digest, so nothing else would notice one edited in the ledger.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import binascii
 import hashlib
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -210,6 +212,9 @@ class Enrolment:
     """key id -> (peer id, raw public key)."""
     revoked: dict[str, str] = field(default_factory=dict)
     """key id -> id of the config revision that revoked it."""
+    revokers: dict[str, set[str]] = field(default_factory=dict)
+    """key id -> every config revision that revokes it: ``verify`` judges a held revision
+    by whether one of them is in its ancestry (see :meth:`Trust.held_fault`)."""
 
     def add(self, config_id: str, body: dict[str, Any]) -> None:
         """Fold one root-signed config payload in. Order does not matter: a revoked key
@@ -219,6 +224,65 @@ class Enrolment:
             self.keys[key_id(public)] = (peer_id, public)
         for kid in body.get("revoke", []):
             self.revoked.setdefault(kid, config_id)
+            self.revokers.setdefault(kid, set()).add(config_id)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Why a revision's signature does not stand, before it is worded: as a refusal at
+    arrival (:meth:`Trust.check`) or as a ``verify`` finding (:meth:`finding`)."""
+
+    code: str
+    """A refusal code: ``unsigned``, ``unknown_signer``, ``revoked_key``, ``untrusted_code``,
+    ``bad_signature``."""
+    key: str | None = None
+    """The signing key's id (None: no signature, or a malformed one)."""
+    owner: str | None = None
+    """The peer the key is enrolled for (None: not enrolled, or the root's key)."""
+    named: tuple[str | None, ...] = ()
+    """``untrusted_code``: the sequencers the barrier's signer was checked against."""
+    config: str | None = None
+    """``revoked_key``: the config revision that revoked the key."""
+
+    def finding(self, d: dict[str, Any], before_root: bool) -> str:
+        """Word this fault of ``d``, a revision this peer holds, as a ``verify`` finding:
+        one line naming the revision and ending with what to do.
+
+        ``before_root``: it was stored before the root key was installed, so it was
+        never checked and is likely older than signatures, not tampered with.
+        """
+        origin = peer_of(d["origin"])
+        if self.code == "unsigned":
+            problem = "is not signed"
+        elif self.code == "unknown_signer" and self.owner is None:
+            problem = f"is signed by key {self.key}, which the root has not enrolled"
+        elif self.code == "unknown_signer":
+            problem = (f"is signed by key {self.key}, enrolled for {self.owner!r}, not for its"
+                       f" origin {origin!r}")
+        elif self.code == "revoked_key":
+            problem = (f"is signed by key {self.key}, which config {str(self.config)[:12]} in"
+                       " its ancestry revoked, so rooted peers refuse it")
+        elif self.code == "untrusted_code":
+            named = ", ".join(repr(n) for n in self.named if n is not None) or "none is named"
+            problem = (f"is a {d['kind']} signed by {self.owner!r}, neither the root nor a"
+                       f" sequencer of partition {d['partition']!r} ({named})")
+        elif self.key is None:
+            problem = "has a malformed signature"
+        else:
+            problem = f"has a signature by key {self.key} that does not verify"
+        if before_root:
+            return (f"revision {d['id'][:12]} was stored before this peer's root key was"
+                    f" installed, so it was never verified, and it {problem}: review it"
+                    " (`txengine show`); if you do not trust it, clone this peer again from"
+                    " a rooted peer")
+        fix = ("the signature column was altered, or the row bypassed intake: restore the"
+               " ledger from a backup, or clone this peer again from a rooted peer")
+        if self.code == "unknown_signer" and self.owner is None:
+            fix = (f"if that key belongs to {origin!r}, sync the config that enrolls it or"
+                   f" have the root holder enroll it; else {fix}")
+        elif self.code == "revoked_key":
+            fix = f"if this peer wrote it, enroll a new key for this peer; else {fix}"
+        return f"revision {d['id'][:12]} {problem}: {fix}"
 
 
 @dataclass
@@ -241,31 +305,74 @@ class Trust:
         revision that reaches it lies outside the revoking barrier's ancestry: that
         barrier's ancestry was complete before it could be taken.
         """
-        rev = d["id"]
-        sig = d.get("signature")
-        origin_peer = peer_of(d["origin"])
-        if sig is None:
+        fault = self._fault(d, lambda: (self.sequencer(d["partition"]),),
+                            self.enrolment.revoked)
+        if fault is None:
+            return
+        rev, kid = d["id"], fault.key
+        if fault.code == "unsigned":
             raise SignatureError(rev, "is not signed, and this peer has a root key installed",
                                  "unsigned")
+        if fault.code == "unknown_signer":
+            raise UnknownSigner(rev, str(kid), peer_of(d["origin"]), fault.owner)
+        if fault.code == "revoked_key":
+            raise RevokedKey(rev, str(kid), str(fault.config))
+        if fault.code == "untrusted_code":
+            (named,) = fault.named
+            raise UntrustedScript(
+                f"barrier {rev[:12]} ({d['kind']}) is signed by {fault.owner!r}, not by the"
+                f" sequencer of partition {d['partition']!r}"
+                f" ({'none is named' if named is None else repr(named)}): refused;"
+                " nothing was changed")
+        raise SignatureError(rev, f"signature by key {kid} does not verify", "bad_signature")
+
+    def held_fault(self, d: dict[str, Any], sequencers: Iterable[str | None],
+                   revoker_above: Callable[[str], str | None]) -> Fault | None:
+        """Return what is wrong with the signature of ``d``, a revision this peer holds
+        (``verify``), or None: :meth:`check`'s rules, restated without the arrival time,
+        which the ledger does not record trustworthily.
+
+        A barrier may be signed by any peer in ``sequencers`` (every sequencer the
+        partition has had: which one was named at its arrival is not known). A revoked
+        key is a fault only where ``revoker_above(key id)`` names a config revoking it
+        in the revision's ancestry: such a revision was written after the revocation,
+        so it cannot have arrived before it; any other was taken before the revocation
+        reached this peer, as a revocation allows, or was in its ancestry.
+        """
+        fault = self._fault(d, lambda: tuple(sequencers), {})
+        if fault is not None:
+            return fault
+        kid = d["signature"]["key"]
+        config = revoker_above(kid) if kid in self.enrolment.revoked else None
+        return None if config is None else Fault("revoked_key", kid, config=config)
+
+    def _fault(self, d: dict[str, Any], sequencers: Callable[[], tuple[str | None, ...]],
+               revoked: Mapping[str, str]) -> Fault | None:
+        """Judge ``d``'s signature: the one decision behind :meth:`check` and
+        :meth:`held_fault`, in :meth:`check`'s order (a revoked key before its role and
+        its signature). ``sequencers`` is called only for a barrier a peer key signed."""
+        sig = d.get("signature")
+        if sig is None:
+            return Fault("unsigned")
+        if not (isinstance(sig, dict) and isinstance(sig.get("key"), str)):
+            return Fault("bad_signature")  # a held row only: intake checks the shape first
         kid = sig["key"]
         if kid == self.root_id:
             signer, public = None, self.root
         elif kid in self.enrolment.keys:
             signer, public = self.enrolment.keys[kid]
         else:
-            raise UnknownSigner(rev, kid, origin_peer)
-        if kid in self.enrolment.revoked:
-            raise RevokedKey(rev, kid, self.enrolment.revoked[kid])
-        if d["kind"] == "data":
-            if signer is not None and signer != origin_peer:
-                raise UnknownSigner(rev, kid, origin_peer, signer)
-        elif signer is not None:
-            named = self.sequencer(d["partition"])
-            if signer != named:
-                raise UntrustedScript(
-                    f"barrier {rev[:12]} ({d['kind']}) is signed by {signer!r}, not by the"
-                    f" sequencer of partition {d['partition']!r}"
-                    f" ({'none is named' if named is None else repr(named)}): refused;"
-                    " nothing was changed")
+            return Fault("unknown_signer", kid)
+        if kid in revoked:
+            return Fault("revoked_key", kid, signer, config=revoked[kid])
+        if signer is not None:
+            if d["kind"] == "data":
+                if signer != peer_of(d["origin"]):
+                    return Fault("unknown_signer", kid, signer)
+            else:
+                named = sequencers()
+                if signer not in named:
+                    return Fault("untrusted_code", kid, signer, named)
         if not verify(public, d["digest"], sig):
-            raise SignatureError(rev, f"signature by key {kid} does not verify", "bad_signature")
+            return Fault("bad_signature", kid)
+        return None
