@@ -178,12 +178,14 @@ class Engine:
         self.conflicted: set[str] = set()
         self.quarantined: dict[str, Node] = {}
         self.stubs: dict[str, Node] = {}
-        """Descriptors held by a checkpoint's vector, without payload (txengine.checkpoint)."""
+        """Descriptors held by a checkpoint's vector, without payload but for the configs
+        that carry trust (txengine.checkpoint)."""
         self.bases: dict[str, dict[str, Any]] = loads(self.ledger.get_state("bases") or "{}")
         """Per partition, the checkpoint this peer started from: id, vector, config."""
         self._configs: dict[str, dict[str, Any]] = {}
         add, hold = self.graph.add, self.held.add
         partition, messages, applied = self.partition, self.messages, self.applied
+        top = self.clock.last
         for (rev_id, part, kind, origin, ms, counter, parents, depends_on, labels, position,
              message, seq, st) in self.ledger.nodes():
             if st == ANNOUNCED:
@@ -205,20 +207,22 @@ class Engine:
                 self.conflicted.add(rev_id)
             partition[rev_id] = part
             messages[rev_id] = message
-            if position is not None:
-                applied[rev_id] = position
-                self.clock.absorb(node.hlc)
-            elif origin == self.origin:
-                self.clock.absorb(node.hlc)
+            if position is not None or origin == self.origin:
+                if position is not None:
+                    applied[rev_id] = position
+                if node.hlc > top:
+                    top = node.hlc
+        self.clock.absorb(top)
         for part, base in self.bases.items():
             for origin, seq in base["vector"].items():
                 self.held.raise_floor(part, origin, seq)
         self.next_position = max(self.applied.values(), default=0) + 1
         self.seqs = self.ledger.max_seq(self.origin)
         self.applied_heads: dict[str, set[str]] = defaultdict(set)
-        for rev_id in self.applied:
-            if not self.graph.any_child_in(rev_id, self.applied):
-                self.applied_heads[self.partition[rev_id]].add(rev_id)
+        nodes = self.graph._nodes
+        covered = {p for rev_id in applied for p in nodes[rev_id].parents}
+        for rev_id in applied.keys() - covered:  # applied, and no applied child
+            self.applied_heads[partition[rev_id]].add(rev_id)
         self.pending: set[str] = {r for r in self.graph if r not in self.applied}
         """Known, not applied: kept as the applied set changes, so a sync of a few new
         revisions never scans the whole graph for them."""
