@@ -37,6 +37,7 @@ from run import (  # noqa: E402
     bootstrap_rows,
     bootstrap_source,
     load_checkpoint,
+    print_table,
 )
 
 
@@ -113,12 +114,8 @@ def main() -> None:
     finally:
         pool.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"\nPython {sys.version.split()[0]}, {args.runs} runs (medians), total"
-          f" {time.perf_counter() - started:.0f} s\n")
-    print("| scenario | size | baseline | txengine | ratio |")
-    print("| --- | --- | --- | --- | --- |")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(f"Python {sys.version.split()[0]}, {args.runs} runs (medians), total"
+                f" {time.perf_counter() - started:.0f} s", rows)
 
 
 if __name__ == "__main__":

@@ -315,8 +315,13 @@ def main() -> None:
         rows += got
         print(f"  {got[0][0].split(':')[0]} done in {time.perf_counter() - t:.0f} s",
               file=sys.stderr)
-    print(f"\n{sa.__name__} {sa.__version__}, Python {sys.version.split()[0]}, total"
-          f" {time.perf_counter() - started:.0f} s\n")
+    print_table(f"{sa.__name__} {sa.__version__}, Python {sys.version.split()[0]}, total"
+                f" {time.perf_counter() - started:.0f} s", rows)
+
+
+def print_table(title: str, rows: list[Row]) -> None:
+    """Print the suite's table (Markdown, as docs/performance.md quotes it) under ``title``."""
+    print(f"\n{title}\n")
     print("| scenario | size | baseline | txengine | ratio |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:

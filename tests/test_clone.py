@@ -28,6 +28,19 @@ def fill(peer: Peer, count: int, partitions: tuple[str, ...] = ("default",)) -> 
                     == partition else tx.insert("items", {"_id": n, "n": n})
 
 
+def short_lease(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Make every ledger opened from now on hold the apply lease for ``seconds`` only."""
+    from txengine.ledger import Ledger
+
+    init = Ledger.__init__
+
+    def shortened(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        self.lease_seconds = seconds
+
+    monkeypatch.setattr(Ledger, "__init__", shortened)
+
+
 def heads(peer: Peer) -> list[str]:
     return sorted(h.id for h in peer.heads())
 
@@ -132,7 +145,6 @@ def test_a_clone_longer_than_the_lease_keeps_it(tmp_path: Path, monkeypatch, one
     does not stop with StaleLease halfway."""
     import time
 
-    from txengine import ledger as ledger_module
     from txengine.engine import Engine
 
     source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
@@ -142,17 +154,13 @@ def test_a_clone_longer_than_the_lease_keeps_it(tmp_path: Path, monkeypatch, one
             source.trust_sequencer("source")
             source.checkpoint()
         expected = source.snapshot()
-    init, apply_arrived = ledger_module.Ledger.__init__, Engine.apply_arrived
-
-    def short_lease(self, *args, **kwargs) -> None:
-        init(self, *args, **kwargs)
-        self.lease_seconds = 1.0
+    apply_arrived = Engine.apply_arrived
 
     def slow(self, *args, **kwargs):
         time.sleep(0.3)
         return apply_arrived(self, *args, **kwargs)
 
-    monkeypatch.setattr(ledger_module.Ledger, "__init__", short_lease)
+    short_lease(monkeypatch, 1.0)
     monkeypatch.setattr(Engine, "apply_arrived", slow)
     with Peer.clone(source_url, target, "copy", batch_size=4) as copy:  # 6 batches, ~2 s
         assert copy.snapshot() == expected
@@ -163,25 +171,20 @@ def test_an_intake_step_that_outlasts_the_lease_takes_it_again(tmp_path: Path, m
     (nobody else held it) rather than stopping."""
     import time
 
-    from txengine import ledger as ledger_module
     from txengine.engine import Engine
 
     source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
     with Peer.open(source_url, peer_id="source") as source:
         fill(source, 8)
         expected = source.snapshot()
-    init, receive = ledger_module.Ledger.__init__, Engine.receive
-
-    def short_lease(self, *args, **kwargs) -> None:
-        init(self, *args, **kwargs)
-        self.lease_seconds = 0.5
+    receive = Engine.receive
 
     def slow(self, *args, **kwargs):
         result = receive(self, *args, **kwargs)
         time.sleep(0.6)  # after the batch committed: the lease runs out before the next
         return result
 
-    monkeypatch.setattr(ledger_module.Ledger, "__init__", short_lease)
+    short_lease(monkeypatch, 0.5)
     monkeypatch.setattr(Engine, "receive", slow)
     with Peer.clone(source_url, target, "copy", batch_size=4) as copy:
         assert copy.snapshot() == expected
