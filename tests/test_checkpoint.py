@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from conftest import ledger_items, write
+from test_signatures import codes, data_descriptor, offer
+from test_verify import tamper
 
-from txengine.checkpoint import CheckpointInfo, bootstrap
+from txengine.checkpoint import CheckpointInfo, ancestry_configs, bootstrap
 from txengine.cli import cli
-from txengine.exceptions import ConfigError, InvalidInput, SnapshotMismatch
+from txengine.exceptions import ConfigError, InvalidInput, SignatureError, SnapshotMismatch
+from txengine.keys import KeyPair
 from txengine.ledger import descriptor_from_row
 from txengine.peer import Peer
+from txengine.policy import encode_config
+from txengine.revision import compute_digest
+from txengine.values import sha256
 
 
 def _history(hub: Peer) -> None:
@@ -193,6 +201,8 @@ def test_prune_keeps_data_and_audit_and_the_peer_still_syncs(
         hub = Peer.open(store_url, peer_id="hub")  # the base survives a reopen
         result = carol.sync(hub)
         assert offline in result.remote.applied and not result.remote.refused
+        assert not result.remote.reissued and info.id in hub._engine.applied, (
+            "carol's vector names hub seqs that were pruned, not lost: no new epoch")
         assert hub.get("items", 5) == {"_id": 5, "n": 55}
         assert hub.snapshot() == carol.snapshot()
         with Peer.open(new_store(), peer_id="auditor") as auditor:
@@ -218,3 +228,184 @@ def test_prune_refuses_what_is_not_an_integrated_checkpoint(tmp_path: Path) -> N
     result = CliRunner().invoke(cli, ["--store", str(tmp_path / "p.db"), "prune", "--before",
                                       first[:12]])
     assert result.exit_code == 1 and result.output.count("\n") == 1
+
+
+# -- a rooted deployment: the trust in force at the checkpoint comes along ------------------
+
+
+@dataclass
+class Rooted:
+    """hub (sequencer) enrolled hub, alice, bob and carol with the root key, then revoked
+    carol's key; alice and bob wrote and synced to hub; hub issued ``checkpoint``."""
+
+    root: KeyPair
+    peers: dict[str, Peer]
+    enrol: str
+    revoke: str
+    checkpoint: CheckpointInfo
+    url: str
+
+
+@pytest.fixture
+def rooted(store_url: str, new_store) -> Iterator[Rooted]:
+    root = KeyPair.generate()
+    peers = {"hub": Peer.open(store_url, peer_id="hub")}
+    try:
+        peers.update({n: Peer.open(new_store(), peer_id=n) for n in ("alice", "bob", "carol")})
+        for peer in peers.values():
+            peer.install_root(root.public_text)
+        hub = peers["hub"]
+        enrol = hub.enroll(root, {n: p.key.public_text for n, p in peers.items()},
+                           sequencer="hub").id
+        revoke = hub.revoke(root, [peers["carol"].key.id]).id
+        for name in ("alice", "bob"):
+            write(peers[name], name)
+            peers[name].sync(hub)
+        yield Rooted(root, peers, enrol, revoke, hub.checkpoint(), store_url)
+    finally:
+        for peer in peers.values():
+            peer.close()
+
+
+def _enrolled(peer: Peer) -> dict[str, str | None]:
+    return {k.peer: k.revoked_by for k in peer.enrolled() if k.peer is not None}
+
+
+def _syncs_as_a_full_peer(peer: Peer, d: Rooted) -> None:
+    """``peer`` takes alice's and bob's new revisions, refuses carol's (revoked), verifies."""
+    assert _enrolled(peer) == {"hub": None, "alice": None, "bob": None, "carol": d.revoke}
+    assert peer.verify().ok, peer.verify().findings
+    for name in ("alice", "bob"):
+        rev = write(d.peers[name], f"{name} after", partition="default")
+        result = d.peers[name].sync(peer)
+        assert not result.remote.reissued
+        assert rev in result.remote.applied and not result.remote.refused
+    write(d.peers["carol"], "carol after")
+    refused = d.peers["carol"].sync(peer).remote.refused
+    assert [r.code for r in refused] == ["revoked_key"]
+    assert peer.get("items", "alice after") == {"_id": "alice after"}
+    assert peer.get("items", "carol after") is None
+    assert peer.verify().ok, peer.verify().findings
+
+
+def test_clone_from_a_rooted_checkpoint_knows_the_enrolments_and_syncs(
+        rooted: Rooted, new_store) -> None:
+    """The configs that enroll and revoke lie before the checkpoint: the clone keeps them
+    (root-signed, checked), so enrolled peers sync with it and its checkpoint verifies;
+    a clone of that clone (``--checkpoint`` again) inherits them too."""
+    copy_url = new_store()
+    with Peer.clone(rooted.url, copy_url, "copy", from_checkpoint=True) as copy:
+        assert [h.id for h in copy.history()] == [rooted.checkpoint.id]
+        _syncs_as_a_full_peer(copy, rooted)
+        rooted.peers["hub"].sync(copy)
+        assert copy.snapshot() == rooted.peers["hub"].snapshot()
+    with Peer.clone(copy_url, new_store(), "second", from_checkpoint=True) as second:
+        assert _enrolled(second) == _enrolled(rooted.peers["hub"])
+        write(rooted.peers["bob"], "bob again")
+        result = rooted.peers["bob"].sync(second)
+        assert not result.remote.refused and second.get("items", "bob again")
+        assert second.verify().ok, second.verify().findings
+
+
+def test_clone_takes_no_config_the_root_did_not_sign(rooted: Rooted, new_store) -> None:
+    """A config before the checkpoint that enrolls mallory, signed by the sequencer's key
+    (taken on the hub as a barrier, it enrolls no one there) or by no one, enrolls no one
+    on the clone either: it keeps no payload, mallory stays refused, alice is taken."""
+    hub, mallory = rooted.peers["hub"], KeyPair.generate()
+    by_hub = hub._issue_barrier("config", "default",
+                                encode_config(enroll={"mallory": mallory.public_text}),
+                                "enroll mallory").id
+    unsigned = hub._issue_barrier("config", "default",
+                                  encode_config(enroll={"mallory": mallory.public_text}),
+                                  "enroll mallory unsigned").id
+    tamper(rooted.url, "UPDATE txengine_revisions SET signature = NULL WHERE id = :id",
+           id=unsigned)
+    info = hub.checkpoint()
+    with Peer.clone(rooted.url, new_store(), "copy", from_checkpoint=True) as copy:
+        assert copy.history()[-1].id == info.id
+        assert "mallory" not in _enrolled(copy)
+        rows = copy._ledger.rows([rooted.enrol, by_hub, unsigned], "payload")
+        copy._store.rollback()
+        assert rows[rooted.enrol].payload is not None
+        assert all(r not in rows or rows[r].payload is None for r in (by_hub, unsigned))
+        forged, payload = data_descriptor("mallory:0", mallory)
+        assert codes(offer(copy, forged, payload)) == ["unknown_signer"]
+        _syncs_as_a_full_peer(copy, rooted)
+
+
+def test_clone_refuses_a_config_whose_root_signature_was_forged(
+        rooted: Rooted, new_store) -> None:
+    """The enrolment on the source is edited to add mallory, re-checksummed and
+    re-digested: the root's signature no longer verifies, and the clone loads nothing."""
+    hub, mallory = rooted.peers["hub"], KeyPair.generate()
+    rev = hub.revision(rooted.enrol)
+    body = json.loads(rev.payload)
+    body["enroll"]["mallory"] = mallory.public_text
+    payload = encode_config(enroll=body["enroll"], sequencer=body["sequencer"])
+    d = {**rev.descriptor, "checksum": sha256(payload)}
+    tamper(rooted.url, "UPDATE txengine_revisions SET payload = :p, checksum = :c,"
+           " digest = :d WHERE id = :id", p=payload, c=d["checksum"], d=compute_digest(d),
+           id=rooted.enrol)
+    target = new_store()
+    with pytest.raises(SignatureError) as err:
+        Peer.clone(rooted.url, target, "copy", from_checkpoint=True)
+    assert err.value.code == "bad_signature"
+    assert str(err.value).startswith(f"revision {rooted.enrol[:12]} is a config signed in"
+                                     " the name of root key")
+    assert str(err.value).endswith("refused; nothing was changed")
+    with Peer.open(target, peer_id="copy") as copy:
+        assert copy.history() == [] and copy.snapshot() == {} and copy._engine.bases == {}
+
+
+def test_bootstrap_refuses_a_config_outside_the_checkpoint(rooted: Rooted, new_store,
+                                                          tmp_path: Path) -> None:
+    """A source cannot pass off a config issued after the checkpoint (or of another
+    partition) as part of its ancestry: the vector and partition must cover it."""
+    hub = rooted.peers["hub"]
+    later = hub.enroll(rooted.root, {"dave": KeyPair.generate().public_text}).id
+    rev = hub.revision(rooted.checkpoint.id)
+    rows = hub._ledger.full_rows([*rev.parents, later])
+    hub._store.rollback()
+    parents = [descriptor_from_row(rows[r]) for r in rev.parents]
+    configs = ancestry_configs(hub, "default", {"hub:0": 10**6})
+    assert later in [d["id"] for d, _payload in configs]
+    hub.write_snapshot(rev.id, tmp_path / "snap.jsonl")
+    with Peer.open(new_store(), peer_id="copy") as copy:
+        copy.install_root(rooted.root.public_text)
+        with pytest.raises(InvalidInput, match=f"revision {later[:12]} was sent as a config"
+                                               f" of checkpoint {rev.id[:12]}'s ancestry"):
+            bootstrap(copy, rev, parents, tmp_path / "snap.jsonl", configs=configs)
+        assert copy.history() == [] and copy.snapshot() == {}
+
+
+def test_verify_names_an_edited_config_kept_by_the_base(rooted: Rooted, new_store) -> None:
+    """A config before the checkpoint keeps its payload on the clone, and it still
+    enrolls: ``verify`` checks that payload against its descriptor."""
+    copy_url = new_store()
+    Peer.clone(rooted.url, copy_url, "copy", from_checkpoint=True).close()
+    payload = encode_config(enroll={"mallory": KeyPair.generate().public_text})
+    tamper(copy_url, "UPDATE txengine_revisions SET payload = :p WHERE id = :id"
+           " AND state = 'base'", p=payload, id=rooted.enrol)
+    with Peer.open(copy_url, peer_id="copy") as copy:
+        found = {f.revision: f.problem for f in copy.verify().findings}
+        assert "checksum" in found[rooted.enrol]
+
+
+def test_prune_keeps_the_enrolments_before_the_checkpoint(rooted: Rooted, new_store) -> None:
+    """The enrolling and revoking configs are pruned from the history, yet kept with
+    their payload as base rows: the pruned hub (reopened) still knows every key, and a
+    peer cloned from it with ``--checkpoint`` does too."""
+    hub = rooted.peers["hub"]
+    before = _enrolled(hub)
+    pruned = hub.prune(rooted.checkpoint.id)
+    parents = set(hub.revision(rooted.checkpoint.id).parents)
+    assert pruned.kept == len(parents | {rooted.enrol, rooted.revoke})
+    assert [h.id for h in hub.history()] == [rooted.checkpoint.id]
+    hub.close()
+    rooted.peers["hub"] = hub = Peer.open(rooted.url, peer_id="hub")
+    assert _enrolled(hub) == before
+    _syncs_as_a_full_peer(hub, rooted)
+    assert rooted.checkpoint.id in hub._engine.applied, "alice's vector names pruned seqs"
+    with Peer.clone(rooted.url, new_store(), "copy", from_checkpoint=True) as copy:
+        assert _enrolled(copy) == before
+        assert copy.verify().ok, copy.verify().findings

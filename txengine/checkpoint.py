@@ -23,6 +23,16 @@ parent lies before the checkpoint is accepted once the parent's descriptor
 (sent by sync beside the child; its id is its digest, so it cannot be
 forged) shows an (origin, seq) within the vector: the descriptor is kept as
 a *base* row (no payload) that answers the hlc and parent checks.
+
+The trust in force at the checkpoint comes along: the **config** revisions of
+its ancestry that the root signed (on a peer without a root: every one) are
+kept as base rows *with* their payload and signature, and ``Peer._trust``
+folds them in with the configs of the graph, judging each by its root
+signature as for any other. A clone takes them from the source only after
+checking each against the checkpoint (partition, vector), its own digest and
+checksum, and the root key; prune keeps the same ones. They stay out of the
+graph: applied there, they would bring back the policy the checkpoint's
+``config`` already carries, and barriers the ancestry no longer holds.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from . import snapshot
 from .digest import lines, partition_digest
 from .engine import ProgressCallback, node_of
 from .exceptions import ConfigError, InvalidInput, MalformedPayload, TxEngineError
+from .keys import signed_by_root
 from .ledger import APPLIED, BASE, Applied, descriptor_from_row, payload_of
 from .revision import Revision, check_descriptor, check_digest, verify_bytes
 from .values import canonical, dumps, loads
@@ -191,6 +202,71 @@ def write_snapshot(peer: Peer, ref: str, path: str | Path,
         peer._store.rollback()
 
 
+def base_configs(engine: Engine) -> list[str]:
+    """Return the config revisions this peer holds as base rows, for its trust view.
+
+    The configs before a checkpoint it started from (or pruned to) are not in
+    the graph, yet their enrolments and revocations still hold. A payload-less
+    one (a parent descriptor sync sent) decodes as nothing and enrolls no one.
+    """
+    return sorted(r for r, node in engine.stubs.items() if node.kind == "config")
+
+
+def carries_trust(root: bytes | None, d: dict[str, Any]) -> bool:
+    """Say whether config ``d`` keeps its payload past a checkpoint (bootstrap, prune).
+
+    On a rooted peer only a root-signed config can enroll or revoke, so only
+    those; a forged root signature raises. On a peer without a root every
+    one: a root installed later judges them as it judges the configs taken
+    in open mode.
+    """
+    return root is None or signed_by_root(root, d)
+
+
+def ancestry_configs(source: Peer, partition: str, vector: dict[str, int]
+                     ) -> list[tuple[dict[str, Any], bytes]]:
+    """Return (descriptor, payload) of the configs of ``partition`` within ``vector`` on
+    ``source``: in its graph, or kept as base rows if it started from a checkpoint itself."""
+    engine = source._engine
+    graph = engine.graph
+    ids = [b for b in graph.barriers() if graph.get(b).kind == "config"
+           and engine.partition.get(b) == partition] + base_configs(engine)
+    rows = source._ledger.full_rows(ids)
+    source._store.rollback()
+    out = []
+    for r in ids:
+        row = rows.get(r)
+        if row is None or row.payload is None:
+            continue
+        d = descriptor_from_row(row)
+        if d["partition"] == partition and d["seq"] <= vector.get(d["origin"], 0):
+            out.append((d, payload_of(row)))
+    return out
+
+
+def _checked_configs(root: bytes | None, rev: Revision, vector: dict[str, int],
+                     configs: Sequence[tuple[dict[str, Any], bytes]]
+                     ) -> list[tuple[dict[str, Any], bytes]]:
+    """Check the configs a source sent with checkpoint ``rev``; return those to keep.
+
+    Each must be intact (digest, checksum) and lie in the checkpoint's
+    ancestry (its partition, within its vector), else the bootstrap is
+    refused; of those, :func:`carries_trust` picks what is kept.
+    """
+    out = []
+    for raw, payload in configs:
+        d = check_descriptor(raw)
+        verify_bytes(d, payload)
+        if (d["kind"] != "config" or d["partition"] != rev.partition
+                or d["seq"] > vector.get(d["origin"], 0)):
+            raise InvalidInput(f"revision {d['id'][:12]} was sent as a config of checkpoint"
+                               f" {rev.id[:12]}'s ancestry, which it is not: nothing was"
+                               " loaded; clone from another peer")
+        if carries_trust(root, d):
+            out.append((d, payload))
+    return out
+
+
 def _checked_parents(rev: Revision, parents: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for raw in parents:
@@ -202,17 +278,24 @@ def _checked_parents(rev: Revision, parents: Sequence[dict[str, Any]]) -> list[d
 
 
 def bootstrap(peer: Peer, rev: Revision, parents: Sequence[dict[str, Any]], path: str | Path,
-              progress: ProgressCallback | None = None) -> int:
+              progress: ProgressCallback | None = None,
+              configs: Sequence[tuple[dict[str, Any], bytes]] = ()) -> int:
     """Start ``peer`` (an empty store) from a checkpoint and its snapshot; return documents.
 
-    Documents, the checkpoint (applied), its parents' descriptors and the base
-    commit in one transaction; a snapshot that misses the digest loads nothing.
+    Documents, the checkpoint (applied), its parents' descriptors, the
+    trust-carrying ``configs`` of its ancestry (descriptor, payload: see
+    :func:`_checked_configs`) and the base commit in one transaction; a
+    snapshot that misses the digest, or a config that fails its checks,
+    loads nothing.
     """
     verify_bytes(rev.descriptor, rev.payload)
     if rev.kind != "checkpoint":
         raise InvalidInput(f"revision {rev.id[:12]} is not a checkpoint")
     body = decode_payload(rev.payload)
-    stubs = _checked_parents(rev, parents)
+    kept: dict[str, tuple[dict[str, Any], bytes | None]] = {
+        d["id"]: (d, None) for d in _checked_parents(rev, parents)}
+    kept.update({d["id"]: (d, payload) for d, payload in _checked_configs(
+        peer._root_public(), rev, body["vector"], configs)})
     peer._take_lease()
     engine, ledger, store = peer._engine, peer._ledger, peer._store
     partition = rev.partition
@@ -222,8 +305,9 @@ def bootstrap(peer: Peer, rev: Revision, parents: Sequence[dict[str, Any]], path
                            " from a checkpoint needs an empty partition")
     try:
         count = snapshot.load(store, path, partition, rev.id, body["digest"], progress)
-        ledger.insert_many([(Revision(d, None), BASE, None)  # type: ignore[arg-type]
-                            for d in stubs if d["id"] not in engine.stubs]
+        ledger.insert_many([(Revision(d, payload), BASE, None)  # type: ignore[arg-type]
+                            for rev_id, (d, payload) in kept.items()
+                            if rev_id not in engine.stubs]
                            + [(rev, APPLIED, Applied(rev.id, engine.next_position, []))])
         bases = {**engine.bases, partition: {"checkpoint": rev.id, "vector": body["vector"],
                                              "config": body["config"]}}
@@ -259,10 +343,11 @@ def bootstrap_from(source: Peer, peer: Peer, partition: str | None,
         rows = source._ledger.full_rows(list(rev.parents))
         source._store.rollback()
         parents = [descriptor_from_row(rows[r]) for r in rev.parents if r in rows]
+        configs = ancestry_configs(source, p, decode_payload(rev.payload)["vector"])
         with tempfile.TemporaryDirectory(prefix="txengine-snapshot-") as scratch:
             path = Path(scratch) / "snapshot.jsonl"
             write_snapshot(source, ckpt, path)
-            bootstrap(peer, rev, parents, path, progress)
+            bootstrap(peer, rev, parents, path, progress, configs)
         used.append(ckpt)
     if not used:
         where = f"partition {partition!r}" if partition else "any partition"
@@ -340,10 +425,12 @@ def prune(peer: Peer, ref: str, archive: str | Path | None = None) -> PruneInfo:
     """Drop the revisions before checkpoint ``ref`` from the ledger (see :meth:`Peer.prune`).
 
     The peer ends as if cloned from the checkpoint: its vector becomes the
-    partition's base, and the descriptors that later revisions still name as
-    parents stay as base rows (no payload, no undo record); every other
-    revision of the checkpoint's ancestry goes, after ``archive`` (a bundle
-    file) received it. Documents and the audit are untouched.
+    partition's base, the descriptors that later revisions still name as
+    parents stay as base rows (no payload, no undo record), and so do the
+    configs that carry trust (:func:`carries_trust`), with their payload, so
+    the enrolments stay known; every other revision of the checkpoint's
+    ancestry goes, after ``archive`` (a bundle file) received it. Documents
+    and the audit are untouched.
     """
     from .sync import Side
     from .transport import bundle
@@ -367,6 +454,11 @@ def prune(peer: Peer, ref: str, archive: str | Path | None = None) -> PruneInfo:
     named = {p for r in graph if r not in before
              for p in (*graph.get(r).parents, *graph.get(r).depends_on) if p in before}
     order = graph.canonical_order(before)
+    root = peer._root_public()
+    configs = ledger.full_rows([r for r in order if graph.get(r).kind == "config"])
+    store.rollback()
+    trusted = {r: Revision(d, payload_of(row)) for r, row in configs.items()
+               if carries_trust(root, d := descriptor_from_row(row))}
     peer._take_lease()
     if archive is not None:
         rows = ledger.full_rows(order)
@@ -378,13 +470,15 @@ def prune(peer: Peer, ref: str, archive: str | Path | None = None) -> PruneInfo:
         bundle.write(archive, bundle.header_of(Side(peer), [partition], {}, messages), messages)
     body = decode_payload(rev.payload)
     try:
-        ledger.strip(sorted(named))
-        ledger.delete([r for r in order if r not in named])
+        ledger.strip(sorted(named - trusted.keys()))
+        ledger.delete([r for r in order if r not in named or r in trusted])
+        ledger.insert_many([(kept, BASE, None) for kept in trusted.values()])
         bases = {**engine.bases, partition: {"checkpoint": rev.id, "vector": body["vector"],
                                              "config": body["config"]}}
         ledger.set_state("bases", dumps(bases))
         ledger.audit("prune", rev.id, detail={
-            "partition": partition, "removed": len(order), "kept_as_base": len(named),
+            "partition": partition, "removed": len(order),
+            "kept_as_base": len(named | trusted.keys()),
             "archive": None if archive is None else str(archive)})
         store.commit()
     except BaseException:
@@ -392,5 +486,5 @@ def prune(peer: Peer, ref: str, archive: str | Path | None = None) -> PruneInfo:
         raise
     finally:
         engine.load()
-    return PruneInfo(rev.id, partition, len(order), len(named),
+    return PruneInfo(rev.id, partition, len(order), len(named | trusted.keys()),
                      None if archive is None else str(archive))

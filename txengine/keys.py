@@ -145,6 +145,23 @@ def verify(public: bytes, digest: str, signature: dict[str, Any]) -> bool:
     return True
 
 
+def signed_by_root(root: bytes, d: dict[str, Any]) -> bool:
+    """Say whether ``d`` carries the root's signature of its digest: the one thing that lets
+    a config enroll or revoke keys. Used where configs are taken without intake (a
+    checkpoint's ancestry at bootstrap or prune), so a signature in the root's name that
+    does not verify is a forgery and raises instead of passing for unsigned.
+    """
+    sig = d.get("signature")
+    if not isinstance(sig, dict) or sig.get("key") != key_id(root):
+        return False
+    if not verify(root, d["digest"], sig):
+        raise SignatureError(d["id"], f"is a {d['kind']} signed in the name of root key"
+                             f" {key_id(root)} whose signature does not verify, so the ledger"
+                             " holding it was altered (`txengine verify` there names it)",
+                             "bad_signature")
+    return True
+
+
 def write_key_file(path: str | Path, key: KeyPair) -> None:
     """Write a private key to a new file readable by its owner only (0600); never overwrite."""
     target = Path(path)

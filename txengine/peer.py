@@ -903,8 +903,11 @@ class Peer:
         root = self._root_public()
         if root is None:
             return None
+        from .checkpoint import base_configs
+
         graph = self._engine.graph
-        configs = tuple(b for b in graph.barriers() if graph.get(b).kind == "config")
+        configs = (*base_configs(self._engine),  # before a checkpoint: held as base rows
+                   *(b for b in graph.barriers() if graph.get(b).kind == "config"))
         if self._trust_cache is None or self._trust_cache[0] != (root, configs):
             self._trust_cache = ((root, configs),
                                  Trust(root, self._enrolment(root, configs), self._sequencer))
@@ -1122,8 +1125,11 @@ class Peer:
                     " was altered; restore the ledger from a backup, or clone this peer again")))
                 continue
             try:
-                if row.state == BASE:  # held by a checkpoint's vector: a descriptor alone
-                    check_digest(d)
+                if row.state == BASE:  # held by a checkpoint's vector: a descriptor alone,
+                    if row.payload is None:  # or a config kept for its enrolments
+                        check_digest(d)
+                    else:
+                        verify_bytes(d, payload_of(row))
                     continue
                 verify_bytes(d, payload_of(row))
                 if d["kind"] == "data":

@@ -289,6 +289,8 @@ class Side:
             if not seq:
                 continue
             mine = held.get(partition, origin, seq)
+            if mine is None and self.engine.covered(partition, origin, seq):
+                continue  # pruned before a checkpoint: held by its vector, not by id
             if mine is None or not mine.startswith(tips.get(partition, {}).get(origin, "")):
                 ids = [r for p in held.partitions() for r in held.after(p, {})
                        if self.engine.graph._nodes.get(r) is not None
