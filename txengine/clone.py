@@ -14,13 +14,63 @@ transaction, one INSERT a revision and one audit row a batch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .engine import Progress, ProgressCallback
+from .exceptions import IntegrityError, InvalidInput, RevisionError, UntrustedScript
 from .ledger import DESCRIPTOR_COLUMNS, descriptor_from_row, payload_of
+from .sync import Side
+from .transport import bundle
 
 if TYPE_CHECKING:
     from .peer import Peer
+
+
+def clone(peer_class: type[Peer], source: str | Any, store: str | Any,
+          peer_id: str | None = None, *, partition: str | None = None,
+          source_peer_id: str | None = None, progress: ProgressCallback | None = None,
+          batch_size: int = 2000, from_checkpoint: bool = False,
+          key_file: str | Path | None = None) -> Peer:
+    """:meth:`Peer.clone`: a new peer on the empty ``store``, by replay of ``source``'s
+    revisions, in one pass (:func:`replay`) when they are all data, else through sync's
+    messages."""
+    new = peer_class.open(store, peer_id, key_file=key_file)
+    try:
+        if len(new._engine.graph):
+            raise InvalidInput(f"store {store!r} already holds {len(new._engine.graph)}"
+                               " revisions: clone needs an empty store")
+        with peer_class.open(source, source_peer_id) as origin:
+            root = origin.root_key()
+            if root is not None and new.root_key() is None:
+                new.install_root(root)  # trust the source's anchor: the clone chose it
+            since = None
+            if from_checkpoint:
+                from .checkpoint import bootstrap_from
+
+                bootstrap_from(origin, new, partition, progress)
+                since = Side(new).vector()
+            sender = Side(origin, batch_size)
+            ids = None if from_checkpoint else replayable(origin, partition)
+            done = False
+            if ids is not None:
+                new._take_lease()
+                try:
+                    replay(origin, new, ids, batch_size, progress)
+                    done = True
+                except (InvalidInput, IntegrityError, RevisionError, UntrustedScript):
+                    since = Side(new).vector()  # a bad revision: sync refuses it alone
+            if not done:
+                header, messages = bundle.outgoing(sender, since, partition)
+                new._take_lease()  # after reading the source, which can take long
+                bundle.apply(Side(new, batch_size), header, messages, str(source), progress)
+            ack = Side(new).vector()
+            ack["type"] = "ack"
+            sender.handle([ack])
+    except BaseException:
+        new.close()
+        raise
+    return new
 
 
 def replayable(source: Peer, partition: str | None) -> list[str] | None:

@@ -19,18 +19,15 @@ import sqlalchemy as sa
 from .engine import Engine, ProgressCallback, Step, decode_steps, paused_gc
 from .exceptions import (
     ConfigError,
-    IntegrityError,
     InvalidInput,
     IrreversibleRevision,
     MalformedPayload,
     PinnedPeer,
-    RevisionError,
     StoreError,
     TxEngineError,
-    UntrustedScript,
 )
 from .keys import KeyInfo, KeyPair, Trust
-from .ledger import BASE, REFUSED, AuditEntry, Ledger, descriptor_from_row, payload_of
+from .ledger import REFUSED, AuditEntry, Ledger, descriptor_from_row, payload_of
 from .ops import Delete, Op, Update, op_from_json
 from .results import (
     Finding,
@@ -47,8 +44,6 @@ from .revision import (
     Revision,
     Signer,
     check_descriptor,
-    check_digest,
-    verify_bytes,
 )
 from .stores.sql import SqlStore, configure_engine, create_engine
 from .transaction import Transaction, build_data_revision
@@ -696,46 +691,11 @@ class Peer:
         arrives, so what it replays is verified as any sync would. Returns the
         new, open peer (close it).
         """
-        from .clone import replay, replayable
-        from .sync import Side
-        from .transport import bundle
+        from .clone import clone
 
-        new = cls.open(store, peer_id, key_file=key_file)
-        try:
-            if len(new._engine.graph):
-                raise InvalidInput(f"store {store!r} already holds {len(new._engine.graph)}"
-                                   " revisions: clone needs an empty store")
-            with cls.open(source, source_peer_id) as origin:
-                root = origin.root_key()
-                if root is not None and new.root_key() is None:
-                    new.install_root(root)  # trust the source's anchor: the clone chose it
-                since = None
-                if from_checkpoint:
-                    from .checkpoint import bootstrap_from
-
-                    bootstrap_from(origin, new, partition, progress)
-                    since = Side(new).vector()
-                sender = Side(origin, batch_size)
-                ids = None if from_checkpoint else replayable(origin, partition)
-                done = False
-                if ids is not None:
-                    new._take_lease()
-                    try:
-                        replay(origin, new, ids, batch_size, progress)
-                        done = True
-                    except (InvalidInput, IntegrityError, RevisionError, UntrustedScript):
-                        since = Side(new).vector()  # a bad revision: sync refuses it alone
-                if not done:
-                    header, messages = bundle.outgoing(sender, since, partition)
-                    new._take_lease()  # after reading the source, which can take long
-                    bundle.apply(Side(new, batch_size), header, messages, str(source), progress)
-                ack = Side(new).vector()
-                ack["type"] = "ack"
-                sender.handle([ack])
-        except BaseException:
-            new.close()
-            raise
-        return new
+        return clone(cls, source, store, peer_id, partition=partition,
+                     source_peer_id=source_peer_id, progress=progress, batch_size=batch_size,
+                     from_checkpoint=from_checkpoint, key_file=key_file)
 
     def status(self) -> Status:
         """Return the sync badge counts: unsent, announced, fetched, conflicted, quarantined."""
@@ -1098,113 +1058,12 @@ class Peer:
     def verify(self, replay: bool = False) -> VerifyReport:
         """Recompute every checksum and digest and check the chain; optionally replay.
 
-        With a root key installed, also check each revision's signature as intake did
-        at arrival (:meth:`Trust.held_fault`): the signature lies outside the digest,
-        so nothing else shows one stripped, swapped or forged in the ledger. Rows that
-        already failed a check, descriptors held by a checkpoint (the checkpoint
-        vouches for them) and this peer's own ``versions/`` (trusted as files) are not
-        checked, and a script this peer authored may carry its own signature; barriers
-        are checked last, once every sequencer is known.
+        On a rooted peer, also check each revision's signature as intake did at
+        arrival (see :mod:`txengine.verify`).
         """
-        from .keys import peer_of
-        from .policy import decode_config
+        from .verify import report
 
-        findings: list[Finding] = []
-        checked = 0
-        trust = self._trust()
-        memo: dict[str, Any] = {}
-        barriers: list[tuple[dict[str, Any], float]] = []
-        sequencers: dict[str, set[str | None]] = {}
-        for row in self._ledger.all_rows():
-            checked += 1
-            try:
-                d = descriptor_from_row(row)
-            except ValueError as exc:  # a JSON column edited into something else
-                findings.append(Finding(row.id, (
-                    f"revision {row.id[:12]}: its ledger row does not decode ({exc}): the row"
-                    " was altered; restore the ledger from a backup, or clone this peer again")))
-                continue
-            try:
-                if row.state == BASE:  # held by a checkpoint's vector: a descriptor alone,
-                    if row.payload is None:  # or a config kept for its enrolments
-                        check_digest(d)
-                    else:
-                        verify_bytes(d, payload_of(row))
-                    continue
-                verify_bytes(d, payload_of(row))
-                if d["kind"] == "data":
-                    Revision(d, payload_of(row)).ops  # noqa: B018 - parse to check
-            except TxEngineError as exc:
-                findings.append(Finding(row.id, str(exc)))
-                continue
-            if trust is None or row.id in self._script_paths:
-                continue
-            if d["kind"] == "data":
-                finding = self._signature_finding(trust, d, row.stored_at, (), memo)
-                if finding is not None:
-                    findings.append(finding)
-                continue
-            barriers.append((d, row.stored_at))
-            if d["kind"] == "config":
-                # A forged config, re-checksummed by hand, may not decode: its signature
-                # check below names it.
-                with contextlib.suppress(TxEngineError):
-                    sequencers.setdefault(d["partition"], set()).add(
-                        decode_config(payload_of(row)).get("sequencer"))
-        self._store.rollback()
-        if trust is not None:
-            for partition in {d["partition"] for d, _stored_at in barriers}:
-                base = self._engine.bases.get(partition, {}).get("config", {})
-                sequencers.setdefault(partition, set()).update(
-                    (self._sequencer(partition), base.get("sequencer")))
-            for d, stored_at in barriers:
-                named = sequencers[d["partition"]]
-                if d["kind"] == "script" and peer_of(d["origin"]) == self.peer_id:
-                    named = named | {self.peer_id}  # its author: it was never taken in
-                finding = self._signature_finding(trust, d, stored_at, named, memo)
-                if finding is not None:
-                    findings.append(finding)
-        for rev_id, problem in self._engine.graph.validate(self._engine.stubs):
-            findings.append(Finding(rev_id, problem))
-        findings += self._verify_scripts()
-        if replay:
-            from .replay import replay_findings
-            findings += replay_findings(self)
-        return VerifyReport(checked, findings)
-
-    def _signature_finding(self, trust: Trust, d: dict[str, Any], stored_at: float,
-                           sequencers: Iterable[str | None],
-                           memo: dict[str, Any]) -> Finding | None:
-        """Judge one held revision's signature for :meth:`verify`; name it if it fails.
-
-        ``memo`` keeps what rows share, each computed at its first need: what lies
-        below each revoking config (``below``), and when the root key was installed
-        (``installed``: a row stored earlier was never checked, and is worded so).
-        """
-        import datetime as _dt
-
-        graph = self._engine.graph
-        below: dict[str, set[str]] = memo.setdefault("below", {})
-
-        def revoker_above(kid: str) -> str | None:
-            for config in sorted(trust.enrolment.revokers.get(kid, ())):
-                if config in graph:
-                    if config not in below:
-                        below[config] = graph.descendants([config])
-                    if any(p in below[config] for p in [*d["parents"], *d["depends_on"]]):
-                        return config
-            return None
-
-        fault = trust.held_fault(d, sequencers, revoker_above)
-        if fault is None:
-            return None
-        if "installed" not in memo:
-            at = next((e.at for e in self._ledger.audit_entries()
-                       if e.action == "install_root"), None)
-            self._store.rollback()
-            memo["installed"] = None if at is None else _dt.datetime.fromisoformat(at).timestamp()
-        installed = memo["installed"]
-        return Finding(d["id"], fault.finding(d, installed is not None and stored_at < installed))
+        return report(self, replay)
 
     # -- authored scripts ------------------------------------------------------------
     def new_script(self, message: str, *, head: str | None = None, splice: bool = False,
