@@ -39,6 +39,7 @@ from .ledger import (
     CONFLICTED,
     FETCHED,
     INTEGRATED,
+    NODE_COLUMNS,
     QUARANTINED,
     REFUSED,
     Applied,
@@ -117,6 +118,13 @@ def _id_tuple(text: str) -> tuple[str, ...]:
     return () if text == "[]" else tuple(loads(text))
 
 
+def _row_node(rev_id: str, kind: str, origin: str, ms: int, counter: int, parents: str,
+              depends_on: str, labels: str) -> Node:
+    """Return the graph node of a ledger row (its :data:`NODE_COLUMNS`)."""
+    return Node(rev_id, _id_tuple(parents), _id_tuple(depends_on), (ms, counter), origin, kind,
+                _id_tuple(labels))
+
+
 def node_of(descriptor: dict[str, Any]) -> Node:
     """Return the graph node of a descriptor."""
     ms, counter = descriptor["hlc"]
@@ -190,8 +198,7 @@ class Engine:
              message, seq, st) in self.ledger.nodes():
             if st == ANNOUNCED:
                 continue
-            node = Node(rev_id, _id_tuple(parents), _id_tuple(depends_on), (ms, counter),
-                        origin, kind, _id_tuple(labels))
+            node = _row_node(rev_id, kind, origin, ms, counter, parents, depends_on, labels)
             if st == BASE:
                 self.stubs[rev_id] = node
                 continue
@@ -254,9 +261,7 @@ class Engine:
                 touched.update(step.revision for step in decode_steps(steps))
             elif action not in _REFRESHABLE:
                 return False
-        rows = self.ledger.rows(sorted(touched), "partition", "kind", "origin", "hlc_ms",
-                                "hlc_c", "parents", "depends_on", "branch_labels", "position",
-                                "message", "seq", "state")
+        rows = self.ledger.rows(sorted(touched), *NODE_COLUMNS)
         self.store.rollback()
         changed: list[str] = []
         for rev_id in touched:
@@ -272,9 +277,8 @@ class Engine:
                 continue
             if row.kind != "data" or row.state == BASE:
                 return False
-            node = Node(rev_id, _id_tuple(row.parents), _id_tuple(row.depends_on),
-                        (row.hlc_ms, row.hlc_c), row.origin, row.kind,
-                        _id_tuple(row.branch_labels))
+            node = _row_node(rev_id, row.kind, row.origin, row.hlc_ms, row.hlc_c, row.parents,
+                             row.depends_on, row.branch_labels)
             self.held.add(row.partition, row.origin, row.seq, rev_id)
             self.partition[rev_id] = row.partition
             if row.origin == self.origin:

@@ -152,6 +152,12 @@ DESCRIPTOR_COLUMNS = ("partition", "parents", "depends_on", "origin", "seq", "hl
 skips the payload and undo record when only descriptors are needed."""
 
 
+NODE_COLUMNS = ("partition", "kind", "origin", "hlc_ms", "hlc_c", "parents", "depends_on",
+                "branch_labels", "position", "message", "seq", "state")
+"""What the engine keeps of each revision in memory (besides ``id``): opening a peer reads
+them for the whole history, a refresh for the rows another process changed."""
+
+
 def descriptor_from_row(row: Any) -> dict[str, Any]:
     """Rebuild a descriptor from its ledger columns (so any tampered column shows).
 
@@ -419,8 +425,7 @@ class Ledger(LeaseHolder):
         peer reads this for the whole history.
         """
         cur = raw_cursor(self.conn)
-        cur.execute("SELECT id, partition, kind, origin, hlc_ms, hlc_c, parents, depends_on,"
-                    " branch_labels, position, message, seq, state FROM txengine_revisions")
+        cur.execute(f"SELECT id, {', '.join(NODE_COLUMNS)} FROM txengine_revisions")
         return cur.fetchall()
 
     def row(self, rev_id: str) -> Any | None:

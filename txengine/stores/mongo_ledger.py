@@ -26,6 +26,7 @@ from ..ledger import (
     ANNOUNCED,
     BASE,
     FETCHED,
+    NODE_COLUMNS,
     Applied,
     AuditEntry,
     _os_user,
@@ -53,8 +54,7 @@ def _write_keys(rev: Revision) -> list[str]:
     ``collection<US>key`` for each key its ops write."""
     return [f"{c}{_SEP}{k}" for _p, c, k, _ms, _r in write_rows([rev])]
 COLUMNS = tuple(c.name for c in revisions.c)
-_NODE_COLUMNS = ("id", "partition", "kind", "origin", "hlc_ms", "hlc_c", "parents",
-                 "depends_on", "branch_labels", "position", "message", "seq", "state")
+_NODE_COLUMNS = ("id", *NODE_COLUMNS)
 _DESCRIPTOR_JSON = ("parents", "depends_on", "collections", "branch_labels")
 
 
