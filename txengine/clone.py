@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .engine import Progress, ProgressCallback
+from .engine import Engine, Progress, ProgressCallback, paused_gc
 from .exceptions import IntegrityError, InvalidInput, RevisionError, UntrustedScript
 from .ledger import DESCRIPTOR_COLUMNS, descriptor_from_row, payload_of
 from .sync import Side
@@ -26,11 +26,19 @@ from .transport import bundle
 if TYPE_CHECKING:
     from .peer import Peer
 
+_SYNC_BATCH = 2000
+"""Revisions a clone through sync's messages moves a batch, by default."""
+_REPLAY_BATCH = 20_000
+"""Revisions a one-pass clone checks and commits together by default. Each commit writes
+the pages the batch dirtied, and the id and key indexes take their keys at random, so a
+small batch writes the same index pages again and again: at 2,000 a batch, commits
+took 17 µs a revision of a 100,000-revision clone; at 25,000, 4 µs."""
+
 
 def clone(peer_class: type[Peer], source: str | Any, store: str | Any,
           peer_id: str | None = None, *, partition: str | None = None,
           source_peer_id: str | None = None, progress: ProgressCallback | None = None,
-          batch_size: int = 2000, from_checkpoint: bool = False,
+          batch_size: int | None = None, from_checkpoint: bool = False,
           key_file: str | Path | None = None) -> Peer:
     """:meth:`Peer.clone`: a new peer on the empty ``store``, by replay of ``source``'s
     revisions, in one pass (:func:`replay`) when they are all data, else through sync's
@@ -50,20 +58,21 @@ def clone(peer_class: type[Peer], source: str | Any, store: str | Any,
 
                 bootstrap_from(origin, new, partition, progress)
                 since = Side(new).vector()
-            sender = Side(origin, batch_size)
+            sender = Side(origin, batch_size or _SYNC_BATCH)
             ids = None if from_checkpoint else replayable(origin, partition)
             done = False
             if ids is not None:
                 new._take_lease()
                 try:
-                    replay(origin, new, ids, batch_size, progress)
+                    replay(origin, new, ids, batch_size or _REPLAY_BATCH, progress)
                     done = True
                 except (InvalidInput, IntegrityError, RevisionError, UntrustedScript):
                     since = Side(new).vector()  # a bad revision: sync refuses it alone
             if not done:
                 header, messages = bundle.outgoing(sender, since, partition)
                 new._take_lease()  # after reading the source, which can take long
-                bundle.apply(Side(new, batch_size), header, messages, str(source), progress)
+                bundle.apply(Side(new, batch_size or _SYNC_BATCH), header, messages,
+                             str(source), progress)
             ack = Side(new).vector()
             ack["type"] = "ack"
             sender.handle([ack])
@@ -99,16 +108,24 @@ def replay(source: Peer, target: Peer, ids: list[str], batch_size: int,
     total = len(ids)
     if progress is not None:
         progress(Progress("fetch", 0, total))
+    with paused_gc():
+        _replay(source, engine, ids, batch_size, trust, progress)
+    engine.freeze()
+    engine.integrate()  # what could not be applied as it arrived (none on an empty peer)
+    if progress is not None:
+        progress(Progress("fetch", total, total))
+    return total
+
+
+def _replay(source: Peer, engine: Engine, ids: list[str], batch_size: int, trust: Any,
+            progress: ProgressCallback | None) -> None:
+    total = len(ids)
     for start in range(0, total, batch_size):
         chunk = ids[start:start + batch_size]
-        target._ledger.keep_lease()  # a long clone outlasts it
+        engine.ledger.keep_lease()  # a long clone outlasts it
         rows = source._ledger.rows(chunk, *DESCRIPTOR_COLUMNS, "payload")
         source._store.rollback()
         engine.receive([(descriptor_from_row(rows[r]), payload_of(rows[r])) for r in chunk],
                        trust=trust, apply=True)
         if progress is not None and start + len(chunk) < total:
             progress(Progress("fetch", start + len(chunk), total))
-    engine.integrate()  # what could not be applied as it arrived (none on an empty peer)
-    if progress is not None:
-        progress(Progress("fetch", total, total))
-    return total

@@ -169,6 +169,11 @@ class Engine:
         """
         with paused_gc():
             self._load()
+        self.freeze()
+
+    def freeze(self) -> None:
+        """Move a big graph out of the cyclic collector's sight (see :meth:`load`); bulk
+        operations that built it with the collector paused call this after."""
         if len(self.graph) >= _FREEZE_AT:
             gc.freeze()
 

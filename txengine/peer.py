@@ -673,7 +673,7 @@ class Peer:
     @classmethod
     def clone(cls, source: str | Any, store: str | Any, peer_id: str | None = None, *,
               partition: str | None = None, source_peer_id: str | None = None,
-              progress: ProgressCallback | None = None, batch_size: int = 2000,
+              progress: ProgressCallback | None = None, batch_size: int | None = None,
               from_checkpoint: bool = False, key_file: str | Path | None = None) -> Peer:
         """Bootstrap a new peer on the empty ``store`` by replay of ``source``'s revisions.
 
@@ -686,7 +686,8 @@ class Peer:
         (see :mod:`txengine.checkpoint`). A history of data revisions only is
         replayed in one pass instead, each batch checked as any intake and
         applied as it is recorded (see :mod:`txengine.clone`). Payloads move
-        ``batch_size`` at a time, each batch one commit. The new peer installs
+        ``batch_size`` at a time (default: 20,000 in one pass, 2,000 through
+        sync), each batch one commit. The new peer installs
         the source's root key, if it has one, before the first descriptor
         arrives, so what it replays is verified as any sync would. Returns the
         new, open peer (close it).
