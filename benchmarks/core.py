@@ -149,7 +149,7 @@ def main() -> None:
     h = peer.history()
     print(f"history ({len(h)}): {time.perf_counter()-t:.3f}s")
     downs = [_timed(peer.downgrade, "base")]
-    for _ in range(2):  # three cycles: a median, not one noisy sample
+    for _ in range(4):  # five cycles: a median, not one noisy sample (the VM is shared)
         ups.append(_timed(peer.upgrade, "heads"))
         downs.append(_timed(peer.downgrade, "base"))
     peer.close()

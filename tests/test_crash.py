@@ -155,3 +155,44 @@ def test_sigkill_at_a_commit_boundary_leaves_a_peer_that_reopens_and_finishes(
             peer.upgrade("heads")
             assert strict(peer.snapshot()) == states[-1]
         assert_consistent(peer)
+
+
+@pytest.mark.parametrize("command", ["upgrade", "downgrade"])
+def test_a_commit_that_fails_beside_the_next_batch_leaves_the_batches_before_it(
+        store_url: str, history, command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch's writes and commit run on a helper thread while the next batch is
+    computed; when they fail (here a statement the third commit runs), the command
+    raises that error, the third batch is not committed, and the peer is as if it
+    stopped after the second."""
+    from txengine.stores.sql import SqlStore
+
+    ids, states = history
+    if command == "upgrade":
+        with Peer.open(store_url, peer_id="test") as peer:
+            peer.downgrade("base")
+    real = SqlStore.commit_in_background
+    calls = []
+
+    def failing_third(self, statements=()):
+        calls.append(len(statements))
+        if len(calls) == 3:
+            statements = [*statements, ("UPDATE no_such_table SET x = 1", [])]
+        return real(self, statements)
+
+    monkeypatch.setattr(SqlStore, "commit_in_background", failing_third)
+    target = "heads" if command == "upgrade" else "base"
+    with Peer.open(store_url, peer_id="test", batch_size=BATCH) as peer:
+        with pytest.raises(Exception, match="no_such_table"):
+            getattr(peer, command)(target)
+        kept = ids[:2 * BATCH] if command == "upgrade" else ids[:REVISIONS - 2 * BATCH]
+        assert sorted(peer._engine.applied) == sorted(kept), "memory follows the commits"
+        if store_url.startswith("sqlite"):
+            assert calls[:2] != [0, 0], "SQLite hands the batch's writes to the helper"
+    monkeypatch.setattr(SqlStore, "commit_in_background", real)
+    with Peer.open(store_url, peer_id="test", batch_size=BATCH) as peer:
+        assert sorted(peer._engine.applied) == sorted(kept)
+        assert strict(peer.snapshot()) == states[len(kept) - 1]
+        assert_consistent(peer)
+        getattr(peer, command)(target)
+        assert strict(peer.snapshot()) == (states[-1] if command == "upgrade" else "[]")
+        assert_consistent(peer)

@@ -242,9 +242,9 @@ def test_an_error_inside_write_states_writes_nothing(tmp_path: Path) -> None:
         real = peer._store.write_states
         calls = []
 
-        def failing(partition: str, collection: str, states: Any) -> None:
+        def failing(partition: str, collection: str, states: Any, defer: Any = None) -> None:
             calls.append(collection)
-            real(partition, collection, states)
+            real(partition, collection, states, defer)
             if len(calls) == 2:
                 raise RuntimeError("boom")
 

@@ -87,6 +87,24 @@ ScriptRunner = Callable[[Revision, str], "str | None"]
 
 
 @dataclass
+class _Batch:
+    """One batch of a plan as it goes through :meth:`Engine._run`: read, computed, written."""
+
+    steps: list[Step]
+    rows: dict[str, Any]
+    started: float
+    ops_of: dict[str, list[Op]] = field(default_factory=dict)
+    keys_of: dict[str, list[Key]] = field(default_factory=dict)
+    applied: list[Applied] = field(default_factory=list)
+    unapplied: list[str] = field(default_factory=list)
+    positions: dict[str, int] = field(default_factory=dict)
+    audit: list[tuple[str, str | None, str, float, dict[str, Any]]] = field(
+        default_factory=list)
+    statements: list[Any] = field(default_factory=list)
+    """Writes left for the commit to run (see :meth:`SqlStore.commit_in_background`)."""
+
+
+@dataclass
 class _Work:
     """Document states held in memory for the length of one operation."""
 
@@ -104,12 +122,12 @@ class _Work:
             for text in texts:
                 self.states[(partition, collection, text)] = found.get(text, (None, None))
 
-    def flush(self) -> None:
+    def flush(self, defer: list[Any] | None = None) -> None:
         grouped: dict[tuple[str, str], dict[str, State]] = defaultdict(dict)
         for k in self.dirty:
             grouped[(k[0], k[1])][k[2]] = self.states[k]
         for (partition, collection), states in sorted(grouped.items()):
-            self.store.write_states(partition, collection, states)
+            self.store.write_states(partition, collection, states, defer)
         self.dirty.clear()
 
 
@@ -645,38 +663,77 @@ class Engine:
 
     def _run(self, steps: list[Step], action: str, progress: ProgressCallback | None,
              work: _Work) -> None:
+        """Run the batches, each written and committed while the next one is computed.
+
+        A batch's bulk writes and commit run on a helper thread
+        (:meth:`SqlStore.commit_in_background`) while this thread applies the
+        next batch in memory. That batch's reads were made before, in the same
+        transaction; they see what a sequential run would: the ledger columns
+        they read do not change, and every key the waiting batch writes is in
+        the work states already. (Reads beside the helper would wait for it:
+        both go through the one connection.) A batch that
+        runs code, or may undo what the waiting batch applied, waits for that
+        commit first (:meth:`_must_wait`). The in-memory graph learns of a
+        batch once its commit returned; the lease is renewed only between
+        commits, so a renewal never commits half a batch.
+        """
         done = 0
+        waiting: _Batch | None = None  # written; its commit runs beside the next batch
         try:
-            for batch in self._batches(steps):
+            for batch, runs_code in self._batches(steps):
+                if waiting is not None and self._must_wait(batch, runs_code, waiting):
+                    self.store.commit_in_background(waiting.statements)()
+                    done = self._settle(waiting, action, done, len(steps), progress)
+                    waiting = None
+                read = self._read_batch(work, batch)
+                if waiting is None:
+                    result = self._compute_batch(work, read)
+                else:
+                    finish = self.store.commit_in_background(waiting.statements)
+                    try:
+                        result = self._compute_batch(work, read)
+                    finally:
+                        finish()  # never roll back under a commit still running
+                    done = self._settle(waiting, action, done, len(steps), progress)
                 self.ledger.renew_lease()
-                self._run_batch(work, batch, action)
-                done += len(batch)
-                if progress:
-                    progress(Progress(action, done, len(steps), batch[-1].revision))
+                self.ledger.check_lease()
+                self._write_batch(work, result, action)
+                waiting = result
+            if waiting is not None:
+                self.store.commit_in_background(waiting.statements)()
+                self._settle(waiting, action, done, len(steps), progress)
         except BaseException:
             self.store.rollback()
             self.load()
             raise
 
-    def _batches(self, steps: list[Step]) -> Iterable[list[Step]]:
-        """Cut the plan into batches; a script revision runs in a batch of its own."""
+    def _batches(self, steps: list[Step]) -> Iterable[tuple[list[Step], bool]]:
+        """Cut the plan into batches, each with whether it runs code: a script revision
+        (a barrier that is no config) applied or undone runs in a batch of its own."""
+        barriers = set(self.graph.barriers())
+        graph = self.graph
         batch: list[Step] = []
         for step in steps:
-            is_script = self.graph.get(step.revision).kind != "data" and step.action in (
-                "apply", "undo")
-            if batch and (is_script or len(batch) >= self.batch_size):
-                yield batch
+            alone = step.revision in barriers and step.action in ("apply", "undo")
+            if batch and (alone or len(batch) >= self.batch_size):
+                yield batch, False
                 batch = []
             batch.append(step)
-            if is_script:
-                yield batch
+            if alone:
+                yield batch, graph.get(step.revision).kind != "config"
                 batch = []
         if batch:
-            yield batch
+            yield batch, False
 
-    def _run_batch(self, work: _Work, batch: list[Step], action: str) -> None:
-        started = time.perf_counter()
-        self.ledger.check_lease()
+    @staticmethod
+    def _must_wait(batch: list[Step], runs_code: bool, waiting: _Batch) -> bool:
+        """Say whether ``batch`` must wait for the commit of ``waiting``: it runs code, or it
+        undoes, which reads undo records, and ``waiting`` wrote some."""
+        return runs_code or bool(
+            waiting.positions and any(s.action in ("undo", "unstamp") for s in batch))
+
+    def _read_batch(self, work: _Work, batch: list[Step]) -> _Batch:
+        """Read a batch's ledger rows, check and decode its payloads, preload its keys."""
         ids = [s.revision for s in batch]
         actions = {s.action for s in batch}
         columns = ["kind", "partition"]
@@ -684,16 +741,14 @@ class Engine:
             columns.append("undo")
         if "apply" in actions:
             columns += ["payload", "checksum"]
+        started = time.perf_counter()
         rows = self.ledger.rows(ids, *columns)
-        applied: list[Applied] = []
-        unapplied: list[str] = []
-        audit: list[tuple[str, str | None, str, float, dict[str, Any]]] = []
-        positions: dict[str, int] = {}
-        removed: list[str] = []
-        ops_of: dict[str, list[Op]] = {}
-        keys_of: dict[str, list[Key]] = {}
+        read = _Batch(batch, rows, started)
+        ops_of, keys_of = read.ops_of, read.keys_of
         for step in batch:
             row = rows[step.revision]
+            if step.action in ("undo", "unstamp"):
+                read.unapplied.append(step.revision)
             if step.action == "apply" and row.kind == "data":
                 payload = payload_of(row)
                 actual = sha256(payload)
@@ -703,7 +758,14 @@ class Engine:
                 partition = row.partition
                 keys_of[row.id] = [(partition, *write_key(op)) for op in ops]
         work.preload(k for keys in keys_of.values() for k in keys)
-        for step in batch:
+        return read
+
+    def _compute_batch(self, work: _Work, read: _Batch) -> _Batch:
+        """Apply and undo a batch in the work states (memory only, unless it runs code)."""
+        rows, ops_of, keys_of = read.rows, read.ops_of, read.keys_of
+        applied, positions = read.applied, read.positions
+        audit = read.audit
+        for step in read.steps:
             row = rows[step.revision]
             if step.action == "apply":
                 position = self.next_position + len(positions)
@@ -727,44 +789,51 @@ class Engine:
                 if row.kind == "data":
                     if row.undo is not None:
                         self._undo_data(work, row.partition, loads(row.undo))
-                elif row.kind == "config":
-                    pass
-                else:
+                elif row.kind != "config":
                     work.flush()
                     note = self._script(self._verified(row.id), "downgrade")
                     if note:
                         audit.append(("skip", row.id, "skipped", 0.0, {"reason": note}))
-                unapplied.append(step.revision)
-                removed.append(step.revision)
             elif step.action == "stamp":
                 position = self.next_position + len(positions)
                 applied.append(Applied(step.revision, position, None))
                 positions[step.revision] = position
-            else:
-                unapplied.append(step.revision)
-                removed.append(step.revision)
-        work.flush()
-        self.ledger.mark_unapplied(unapplied)
-        self.ledger.mark_applied(applied)
-        duration = _ms(started)
+        # The next batch numbers its positions after these, before this one settles.
+        self.next_position += len(positions)
+        return read
+
+    def _write_batch(self, work: _Work, done: _Batch, action: str) -> None:
+        """Write a computed batch's audit rows; leave its documents and ledger states to its
+        commit (:attr:`_Batch.statements`) where the store can."""
+        batch = done.steps
+        work.flush(done.statements)
+        self.ledger.mark_unapplied(done.unapplied, done.statements)
+        self.ledger.mark_applied(done.applied, done.statements)
+        duration = _ms(done.started)
         if len(batch) == 1:
-            audit.append((batch[0].action, batch[0].revision, "ok", duration,
-                          {"command": action}))
+            done.audit.append((batch[0].action, batch[0].revision, "ok", duration,
+                               {"command": action}))
         else:
-            audit.append((action, None, "ok", duration, {
-                "count": len(batch), "first": ids[0], "last": ids[-1],
+            done.audit.append((action, None, "ok", duration, {
+                "count": len(batch), "first": batch[0].revision, "last": batch[-1].revision,
                 "steps": encode_steps(batch)}))
-        self.ledger.audit_many(audit)
-        self.store.commit()
-        for rev_id in removed:
+        self.ledger.audit_many(done.audit)
+
+    def _settle(self, done: _Batch, action: str, count: int, total: int,
+                progress: ProgressCallback | None) -> int:
+        """Take a committed batch into the in-memory graph; report it; return the count."""
+        for rev_id in done.unapplied:
             self._mark_unapplied(rev_id)
             self.conflicted.discard(rev_id)
-        for entry in applied:
+        for entry in done.applied:
             if entry.state == CONFLICTED:
                 self.conflicted.add(entry.id)
-        if positions:
-            self._mark_applied_many(positions)
-        self.next_position += len(positions)
+        if done.positions:
+            self._mark_applied_many(done.positions)
+        count += len(done.steps)
+        if progress:
+            progress(Progress(action, count, total, done.steps[-1].revision))
+        return count
 
     def _verified(self, rev_id: str) -> Revision:
         """Return a revision from the ledger after checking its checksum and digest."""

@@ -26,7 +26,14 @@ from .exceptions import LockTimeout, StaleLease
 from .lease import LeaseHolder
 from .ops import write_set
 from .revision import Revision
-from .stores.sql import placeholder, raw_cursor
+from .stores.sql import (
+    Statement,
+    placeholder,
+    raw_cursor,
+    row_values,
+    run_statements,
+    values_statements,
+)
 from .values import dumps, loads
 
 # Local states of a revision on this peer.
@@ -253,6 +260,7 @@ class Ledger(LeaseHolder):
         self._sqlite = conn.dialect.name == "sqlite"
         self._rowids: dict[str, int] = {}
         self._rowid_of: dict[str, int] | None = None
+        self._row_values = row_values(conn)
         self._sql = {
             "insert": f"INSERT INTO txengine_revisions ({', '.join(_INSERT_COLUMNS)})"
                       f" VALUES ({', '.join([ph] * len(_INSERT_COLUMNS))})",
@@ -260,6 +268,11 @@ class Ledger(LeaseHolder):
                        f" undo = {ph} WHERE ",
             "unapplied": f"UPDATE txengine_revisions SET state = {ph}, position = NULL,"
                          " undo = NULL WHERE ",
+            "applied_rows": "UPDATE txengine_revisions SET state = v.column1, position ="
+                            " v.column2, undo = v.column3 FROM (VALUES",
+            "applied_rows_where": ") AS v WHERE txengine_revisions.rowid = v.column4",
+            "unapplied_rows": f"UPDATE txengine_revisions SET state = '{FETCHED}', position ="
+                              " NULL, undo = NULL WHERE rowid IN (VALUES",
             "writes": "INSERT INTO txengine_writes (partition, collection, key, hlc_ms,"
                       f" revision) VALUES ({', '.join([ph] * 5)})",
             "fill": f"UPDATE txengine_revisions SET payload = {ph}, state = {ph} WHERE id = {ph}",
@@ -536,20 +549,39 @@ class Ledger(LeaseHolder):
             return "rowid", [rowids[i] for i in ids]
         return "id", list(ids)
 
-    def mark_applied(self, entries: Sequence[Applied]) -> None:
-        """Record revisions as applied (or conflicted) with their undo records."""
+    def mark_applied(self, entries: Sequence[Applied],
+                     defer: list[Statement] | None = None) -> None:
+        """Record revisions as applied (or conflicted) with their undo records.
+
+        With ``defer``, on SQLite rows read by rowid, the statements are added
+        there for the commit to run (see :meth:`SqlStore.commit_in_background`).
+        """
         if entries:
             column, keys = self._where([e.id for e in entries])
-            raw_cursor(self.conn).executemany(self._sql["applied"] + column + self._ph, [
-                (e.state, e.position, None if e.undo is None else _dumps(e.undo), key)
-                for e, key in zip(entries, keys, strict=True)])
+            params = [(e.state, e.position, None if e.undo is None else _dumps(e.undo), key)
+                      for e, key in zip(entries, keys, strict=True)]
+            cur = raw_cursor(self.conn)
+            if column == "rowid" and self._row_values:
+                run_statements(cur, values_statements(
+                    self._sql["applied_rows"], params, self._sql["applied_rows_where"],
+                    self._row_values), defer)
+            else:
+                cur.executemany(self._sql["applied"] + column + self._ph, params)
 
-    def mark_unapplied(self, ids: Sequence[str]) -> None:
-        """Record revisions as no longer applied (their payloads stay)."""
+    def mark_unapplied(self, ids: Sequence[str], defer: list[Statement] | None = None
+                       ) -> None:
+        """Record revisions as no longer applied (their payloads stay); ``defer`` as in
+        :meth:`mark_applied`."""
         if ids:
             column, keys = self._where(ids)
-            raw_cursor(self.conn).executemany(self._sql["unapplied"] + column + self._ph,
-                                              [(FETCHED, key) for key in keys])
+            cur = raw_cursor(self.conn)
+            if column == "rowid" and self._row_values:
+                run_statements(cur, values_statements(
+                    self._sql["unapplied_rows"], [(k,) for k in keys], ")",
+                    self._row_values), defer)
+            else:
+                cur.executemany(self._sql["unapplied"] + column + self._ph,
+                                [(FETCHED, key) for key in keys])
 
     # -- audit ---------------------------------------------------------------
     def audit(self, action: str, revision: str | None, *, outcome: str = "ok",

@@ -55,6 +55,36 @@ def test_a_none_doc_deletes_the_document(harness: StoreHarness) -> None:
     assert list(store.load_states("default", "customers", ["1", "2"])) == ["2"]
 
 
+def test_deferred_writes_land_with_the_commit_run_in_the_background(
+        harness: StoreHarness) -> None:
+    """Bulk replay hands a batch's writes to ``commit_in_background``: what a store
+    deferred runs there, upserts and deletes alike, and waiting makes it durable."""
+    store = harness.store
+    store.write_states("default", "customers", {"1": state({"_id": 1}), "2": state({"_id": 2})})
+    harness.commit()
+    deferred: list = []
+    store.write_states("default", "customers", {"1": (None, None), "3": state({"_id": 3}),
+                                                "2": state({"_id": 2, "n": 2}, "s")}, deferred)
+    store.commit_in_background(deferred)()
+    store.rollback()  # nothing is left uncommitted to drop
+    assert store.load_states("default", "customers", ["1", "2", "3"]) == {
+        "2": ({"_id": 2, "n": 2}, "s"), "3": ({"_id": 3}, REV)}
+
+
+def test_a_failed_background_commit_raises_when_waited_for_and_keeps_nothing(
+        harness: StoreHarness) -> None:
+    store = harness.store
+    deferred: list = []
+    store.write_states("default", "customers", {"1": state({"_id": 1})}, deferred)
+    if not hasattr(store, "conn"):
+        pytest.skip("a MongoStore commits at once and defers no statements")
+    wait = store.commit_in_background([*deferred, ("DELETE FROM no_such_table", [])])
+    with pytest.raises(Exception, match="no_such_table"):
+        wait()
+    harness.rollback()
+    assert store.load_states("default", "customers", ["1"]) == {}
+
+
 def test_a_later_write_replaces_the_whole_state(harness: StoreHarness) -> None:
     store = harness.store
     store.write_states("default", "c", {"1": state({"_id": 1, "a": 1, "b": 2})})

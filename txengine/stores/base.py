@@ -8,7 +8,7 @@ skip what a store cannot do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..ops import State
@@ -28,6 +28,12 @@ class Store(Protocol):
         """Commit data, ledger and audit writes together (or finish the intent record)."""
         ...
 
+    def commit_in_background(self, statements: Sequence[Any] = ()) -> Callable[[], None]:
+        """Run deferred ``statements`` and :meth:`commit`, and return the call that waits
+        for it (and raises what it raised); until then the caller only computes. A store
+        may do it all at once."""
+        ...
+
     def rollback(self) -> None:
         """Drop uncommitted writes; end a read snapshot."""
         ...
@@ -37,9 +43,10 @@ class Store(Protocol):
         """Return the state of each key (text form) that exists; missing keys are absent."""
         ...
 
-    def write_states(self, partition: str, collection: str,
-                     states: Mapping[str, State]) -> None:
-        """Write final states: a ``None`` doc deletes the document."""
+    def write_states(self, partition: str, collection: str, states: Mapping[str, State],
+                     defer: list[Any] | None = None) -> None:
+        """Write final states: a ``None`` doc deletes the document. A store may add the
+        statements to ``defer`` instead, for :meth:`commit_in_background` to run."""
         ...
 
     def documents(self, partition: str, collection: str) -> Iterator[dict[str, Any]]:

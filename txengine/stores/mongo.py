@@ -30,7 +30,7 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -222,6 +222,13 @@ class MongoStore:
         self._overlay.clear()
         self._audit.clear()
 
+    def commit_in_background(self, statements: Sequence[Any] = ()) -> Callable[[], None]:
+        """Commit now (the buffered step is written by this thread); nothing to wait for.
+
+        A MongoStore never defers statements (:meth:`write_states`), so there are none."""
+        self.commit()
+        return _nothing
+
     def commit(self) -> None:
         """Write the step: one transaction, or intent, writes, intent removed."""
         if not self._requests and not self._audit:
@@ -383,8 +390,9 @@ class MongoStore:
                 out[text_of(doc["_id"])] = _state_of(doc)
         return out
 
-    def write_states(self, partition: str, collection: str,
-                     states: Mapping[str, State]) -> None:
+    def write_states(self, partition: str, collection: str, states: Mapping[str, State],
+                     defer: list[Any] | None = None) -> None:
+        """Buffer final states for the commit (``defer`` is moot: nothing runs before it)."""
         check_collection(collection)
         name = collection_name(partition, collection)
         staged = []
@@ -468,3 +476,7 @@ def _bulk_request(request: tuple[Any, ...]) -> Any:
     if action == "replace":
         return ReplaceOne({"_id": request[1]}, request[2], upsert=True)
     return DeleteOne({"_id": request[1]})
+
+
+def _nothing() -> None:
+    """What :meth:`MongoStore.commit_in_background` returns: its commit is done."""

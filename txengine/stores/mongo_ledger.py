@@ -249,13 +249,15 @@ class MongoLedger(LeaseHolder):
             out[doc["partition"]] = max(out.get(doc["partition"], 0), int(doc["seq"]))
         return out
 
-    def mark_applied(self, entries: Sequence[Applied]) -> None:
+    def mark_applied(self, entries: Sequence[Applied], defer: list[Any] | None = None
+                     ) -> None:
+        """Stage applied states for the commit (``defer`` is moot: nothing runs before it)."""
         for e in entries:
             self.store.stage(REVISIONS, ("set", e.id, {
                 "state": e.state, "position": e.position,
                 "undo": None if e.undo is None else dumps(e.undo)}))
 
-    def mark_unapplied(self, ids: Sequence[str]) -> None:
+    def mark_unapplied(self, ids: Sequence[str], defer: list[Any] | None = None) -> None:
         for rev_id in ids:
             self.store.stage(REVISIONS, ("set", rev_id,
                                          {"state": FETCHED, "position": None, "undo": None}))

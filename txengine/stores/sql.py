@@ -16,7 +16,9 @@ A table named like the collection that the app declared itself (e.g. with
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -52,6 +54,47 @@ def raw_cursor(conn: sa.Connection) -> Any:
 def placeholder(conn: sa.Connection) -> str:
     """Return the driver's positional placeholder (qmark for sqlite3, %s for psycopg)."""
     return "%s" if conn.dialect.name == "postgresql" else "?"
+
+
+Statement = tuple[str, Sequence[Any]]
+"""One SQL statement and its parameters, as bulk writes hand them to a commit."""
+
+
+def row_values(conn: sa.Connection) -> int:
+    """Return how many parameters one multi-row statement may bind, or 0 to use
+    ``executemany``: SQLite from 3.33 (``UPDATE ... FROM``) only.
+
+    A multi-row statement binds all its rows at once and then runs without
+    the GIL, so a helper thread can run a batch's writes while this one
+    computes (:meth:`SqlStore.commit_in_background`); ``executemany`` takes
+    the GIL back for every row, which would queue the helper behind it.
+    """
+    if conn.dialect.name != "sqlite" or sqlite3.sqlite_version_info < (3, 33):
+        return 0
+    return int(conn.connection.dbapi_connection.getlimit(  # type: ignore[union-attr]
+        sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+
+
+def values_statements(head: str, rows: Sequence[Sequence[Any]], tail: str,
+                      limit: int) -> list[Statement]:
+    """Return ``head (?, ...), (?, ...) tail`` statements for ``rows``, as few as the
+    parameter ``limit`` allows."""
+    width = len(rows[0])
+    group = "(" + ", ".join("?" * width) + ")"
+    per = max(1, limit // width)
+    return [(f"{head} {', '.join([group] * len(chunk))}{tail}",
+             [value for row in chunk for value in row])
+            for chunk in (rows[i:i + per] for i in range(0, len(rows), per))]
+
+
+def run_statements(cur: Any, statements: list[Statement],
+                   defer: list[Statement] | None) -> None:
+    """Run ``statements`` now, or add them to ``defer`` for the commit to run."""
+    if defer is not None:
+        defer += statements
+    else:
+        for sql, params in statements:
+            cur.execute(sql, params)
 
 
 _dumps = dumps
@@ -102,6 +145,7 @@ class SqlStore:
         self._is_pg = self.dialect == "postgresql"
         self._statements: dict[str, dict[str, str]] = {}
         self._created: set[str] = set()
+        self._row_values = row_values(conn)
         sa.event.listen(conn, "commit", self._on_commit)
         sa.event.listen(conn, "rollback", self._on_rollback)
 
@@ -207,6 +251,47 @@ class SqlStore:
         """Commit the data, ledger and audit writes of the current transaction."""
         self.conn.commit()
 
+    def commit_in_background(self, statements: Sequence[Statement] = ()
+                             ) -> Callable[[], None]:
+        """Run ``statements`` and commit on a helper thread; return the call that waits.
+
+        The driver lets go of the GIL while the database works (multi-row
+        statements, see :func:`row_values`; writing pages; now and then a
+        checkpoint), so bulk work computes its next batch meanwhile; the
+        caller runs no statement until it has waited. Waiting raises what
+        the helper raised, then settles SQLAlchemy's transaction (the driver
+        has nothing left to commit).
+        """
+        cur = self.cursor()
+        dbapi = self.conn.connection.dbapi_connection
+        failed: list[BaseException] = []
+
+        def commit() -> None:
+            try:
+                for sql, params in statements:
+                    cur.execute(sql, params)
+                dbapi.commit()  # type: ignore[union-attr]
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                failed.append(exc)
+
+        thread = threading.Thread(target=commit, name="txengine-commit")
+        thread.start()
+
+        def wait() -> None:
+            interrupted = None
+            while thread.is_alive():  # never roll back under a commit still running
+                try:
+                    thread.join()
+                except BaseException as exc:  # noqa: BLE001 - raised once it is done
+                    interrupted = exc
+            if interrupted is not None:
+                raise interrupted
+            if failed:
+                raise failed[0]
+            self.conn.commit()
+
+        return wait
+
     def rollback(self) -> None:
         """Drop uncommitted writes; after reads, end the snapshot so the next read is fresh."""
         self.conn.rollback()
@@ -233,6 +318,10 @@ class SqlStore:
                           " DO UPDATE SET doc = excluded.doc,"
                           " _incarnation = excluded._incarnation",
                 "delete": f"DELETE FROM {q} WHERE _partition = {ph} AND _key = {ph}",
+                "delete_rows": f"DELETE FROM {q} WHERE (_partition, _key) IN (VALUES",
+                "upsert_rows": f"INSERT INTO {q} (_partition, _key, doc, _incarnation) VALUES",
+                "on_conflict": " ON CONFLICT (_partition, _key) DO UPDATE SET"
+                               " doc = excluded.doc, _incarnation = excluded._incarnation",
             }
             self._statements[collection] = sql
         return sql
@@ -260,8 +349,8 @@ class SqlStore:
                 out[key] = (self._decode(doc), inc)
         return out
 
-    def write_states(self, partition: str, collection: str,
-                     states: Mapping[str, State]) -> None:
+    def write_states(self, partition: str, collection: str, states: Mapping[str, State],
+                     defer: list[Statement] | None = None) -> None:
         found = self.resolve(collection)
         if isinstance(found, DeclaredTable):
             self._write_declared(found, partition, states)
@@ -275,6 +364,16 @@ class SqlStore:
             else:
                 upserts.append((partition, key, _dumps(doc), inc))
         cur = self.cursor()
+        limit = self._row_values
+        if limit and (deletes or upserts):
+            statements = []
+            if deletes:
+                statements += values_statements(sql["delete_rows"], deletes, ")", limit)
+            if upserts:
+                statements += values_statements(sql["upsert_rows"], upserts, sql["on_conflict"],
+                                                 limit)
+            run_statements(cur, statements, defer)
+            return
         if deletes:
             cur.executemany(sql["delete"], deletes)
         if upserts:
