@@ -154,16 +154,19 @@ def test_a_clone_longer_than_the_lease_keeps_it(tmp_path: Path, monkeypatch, one
             source.trust_sequencer("source")
             source.checkpoint()
         expected = source.snapshot()
-    apply_arrived = Engine.apply_arrived
+    begin_arrived = Engine.begin_arrived  # each batch of either path applies through it
+    batches = []
 
     def slow(self, *args, **kwargs):
+        batches.append(1)
         time.sleep(0.3)
-        return apply_arrived(self, *args, **kwargs)
+        return begin_arrived(self, *args, **kwargs)
 
     short_lease(monkeypatch, 1.0)
-    monkeypatch.setattr(Engine, "apply_arrived", slow)
+    monkeypatch.setattr(Engine, "begin_arrived", slow)
     with Peer.clone(source_url, target, "copy", batch_size=4) as copy:  # 6 batches, ~2 s
         assert copy.snapshot() == expected
+    assert len(batches) >= 6, "every batch took the slow step"
 
 
 def test_an_intake_step_that_outlasts_the_lease_takes_it_again(tmp_path: Path, monkeypatch) -> None:
@@ -177,14 +180,55 @@ def test_an_intake_step_that_outlasts_the_lease_takes_it_again(tmp_path: Path, m
     with Peer.open(source_url, peer_id="source") as source:
         fill(source, 8)
         expected = source.snapshot()
-    receive = Engine.receive
+    begin_arrived = Engine.begin_arrived
+    slept = []
 
     def slow(self, *args, **kwargs):
-        result = receive(self, *args, **kwargs)
-        time.sleep(0.6)  # after the batch committed: the lease runs out before the next
-        return result
+        finish = begin_arrived(self, *args, **kwargs)
+
+        def finish_then_sleep():
+            entries = finish()
+            slept.append(1)
+            time.sleep(0.6)  # after the batch committed: the lease runs out before the next
+            return entries
+
+        return finish_then_sleep
 
     short_lease(monkeypatch, 0.5)
-    monkeypatch.setattr(Engine, "receive", slow)
+    monkeypatch.setattr(Engine, "begin_arrived", slow)
     with Peer.clone(source_url, target, "copy", batch_size=4) as copy:
+        assert copy.snapshot() == expected
+    assert len(slept) == 2
+
+
+def test_a_commit_that_fails_beside_the_next_checks_leaves_a_prefix_sync_completes(
+        tmp_path: Path, monkeypatch) -> None:
+    """A one-pass clone commits each batch on a helper thread while it checks the next;
+    when that commit fails, the clone stops with its error, the batches committed
+    before stay, and a sync from the source completes the copy."""
+    from txengine.stores.sql import SqlStore
+
+    source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
+    with Peer.open(source_url, peer_id="source") as source:
+        fill(source, 12)
+        expected = source.snapshot()
+    real = SqlStore.commit_in_background
+    calls = []
+
+    def failing_second(self, statements=()):
+        calls.append(len(statements))
+        if len(calls) == 2:
+            statements = [*statements, ("UPDATE no_such_table SET x = 1", [])]
+        return real(self, statements)
+
+    monkeypatch.setattr(SqlStore, "commit_in_background", failing_second)
+    with pytest.raises(Exception, match="no_such_table"):
+        Peer.clone(source_url, target, "copy", batch_size=4)
+    assert calls[0] > 0, "the first batch's inserts ran on the helper"
+    monkeypatch.setattr(SqlStore, "commit_in_background", real)
+    with Peer.open(target, peer_id="copy") as copy:
+        assert len(copy.history()) == 4, "the first batch stays, the second is gone"
+        assert copy.verify(replay=True).ok
+        with Peer.open(source_url, peer_id="source") as source:
+            copy.sync(source)
         assert copy.snapshot() == expected

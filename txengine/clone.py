@@ -14,11 +14,14 @@ transaction, one INSERT a revision and one audit row a batch.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .engine import Engine, Progress, ProgressCallback, paused_gc
 from .exceptions import IntegrityError, InvalidInput, RevisionError, UntrustedScript
+from .intake import check_items, check_new
 from .ledger import DESCRIPTOR_COLUMNS, descriptor_from_row, payload_of
 from .sync import Side
 from .transport import bundle
@@ -119,13 +122,34 @@ def replay(source: Peer, target: Peer, ids: list[str], batch_size: int,
 
 def _replay(source: Peer, engine: Engine, ids: list[str], batch_size: int, trust: Any,
             progress: ProgressCallback | None) -> None:
+    """Each batch is read from the source and checked item by item while the batch before
+    it commits (:meth:`Engine.begin_arrived`); the checks against what the new peer holds
+    run after that commit."""
     total = len(ids)
-    for start in range(0, total, batch_size):
-        chunk = ids[start:start + batch_size]
-        engine.ledger.keep_lease()  # a long clone outlasts it
-        rows = source._ledger.rows(chunk, *DESCRIPTOR_COLUMNS, "payload")
-        source._store.rollback()
-        engine.receive([(descriptor_from_row(rows[r]), payload_of(rows[r])) for r in chunk],
-                       trust=trust, apply=True)
-        if progress is not None and start + len(chunk) < total:
-            progress(Progress("fetch", start + len(chunk), total))
+    finish: Callable[[], Any] | None = None
+    try:
+        for start in range(0, total, batch_size):
+            chunk = ids[start:start + batch_size]
+            rows = source._ledger.rows(chunk, *DESCRIPTOR_COLUMNS, "payload")
+            source._store.rollback()
+            batch = check_items([(descriptor_from_row(rows[r]), payload_of(rows[r]))
+                                 for r in chunk], trust is not None)
+            if finish is not None:
+                finish, waiting = None, finish
+                waiting()
+                if progress is not None:
+                    progress(Progress("fetch", start, total))
+            engine.ledger.keep_lease()  # a long clone outlasts it
+            new = check_new(engine, batch, trust=trust)
+            if new:
+                finish = engine.begin_arrived(new, recorded=False)
+                if finish is None:
+                    engine.record_fetched(new)
+        if finish is not None:
+            finish, waiting = None, finish
+            waiting()
+    except BaseException:
+        if finish is not None:
+            with contextlib.suppress(BaseException):
+                finish()  # what was checked before the failure stays committed
+        raise

@@ -866,11 +866,15 @@ class Engine:
         with paused_gc():
             new = check_batch(self, items, trusted, trust)
         if new and not (apply and self.apply_arrived(new, recorded=False) is not None):
-            self.ledger.insert_many([(rev, FETCHED, None) for rev in new])
-            self.ledger.audit_many([("receive", r.id, "ok", 0.0, {}) for r in new])
-            self.store.commit()
-            self.add_fetched(new)
+            self.record_fetched(new)
         return [rev.id for rev in new]
+
+    def record_fetched(self, new: Sequence[Revision]) -> None:
+        """Record checked revisions, payloads and all, to be integrated later."""
+        self.ledger.insert_many([(rev, FETCHED, None) for rev in new])
+        self.ledger.audit_many([("receive", r.id, "ok", 0.0, {}) for r in new])
+        self.store.commit()
+        self.add_fetched(new)
 
     def add_fetched(self, revs: Sequence[Revision], quarantined: Sequence[Revision] = ()
                     ) -> None:
@@ -902,7 +906,16 @@ class Engine:
 
     def apply_arrived(self, revs: Sequence[Revision], recorded: bool = True
                       ) -> list[Applied] | None:
-        """Apply announced data revisions as their payloads arrive, when that is safe.
+        """Apply announced data revisions as their payloads arrive, when that is safe
+        (:meth:`begin_arrived`, its commit waited for at once); return their entries."""
+        finish = self.begin_arrived(revs, recorded)
+        return None if finish is None else finish()
+
+    def begin_arrived(self, revs: Sequence[Revision], recorded: bool = True
+                      ) -> Callable[[], list[Applied]] | None:
+        """Apply data revisions as their payloads arrive, when that is safe; start the
+        commit and return the call that waits for it, takes the batch into memory and
+        returns its entries (a clone checks its next batch meanwhile).
 
         Safe when nothing else waits to be integrated and the first of ``revs``
         (which come in canonical order) sorts after everything integrated: its
@@ -914,7 +927,8 @@ class Engine:
         or a sync from a peer that is ahead. ``recorded`` says the descriptors
         are in the ledger already (announced by sync); if not, each revision
         is inserted whole. Returns None, having done nothing, when the general
-        path (:meth:`integrate`) must run.
+        path (:meth:`integrate`) must run. Until the returned call, the caller
+        runs no statement on this peer.
         """
         if (not revs or any(r.kind != "data" for r in revs) or self.pending
                 or revs[0].hlc <= self.clock.last):
@@ -922,6 +936,7 @@ class Engine:
         started = time.perf_counter()
         self.ledger.check_lease()
         self.add_fetched(revs)
+        statements: list[Any] = []
         try:
             with paused_gc():
                 work = _Work(self.store)
@@ -935,26 +950,36 @@ class Engine:
                     entries.append(entry)
                     if conflicts:
                         audit += [("conflict", rev.id, "conflict", 0.0, c) for c in conflicts]
-                work.flush()
+                work.flush(statements)
                 if recorded:
                     self.ledger.fill_applied(revs, entries)
                 else:
                     self.ledger.insert_many([(r, e.state, e) for r, e in
-                                             zip(revs, entries, strict=True)])
+                                             zip(revs, entries, strict=True)], statements)
                 steps = [Step("apply", r.id) for r in revs]
                 audit.append(("integrate", None, "ok", _ms(started), {
                     "count": len(revs), "first": revs[0].id, "last": revs[-1].id,
                     "arrived": True, "steps": encode_steps(steps)}))
                 self.ledger.audit_many(audit)
-                self.store.commit()
+                wait = self.store.commit_in_background(statements)
         except BaseException:
             self.store.rollback()
             self.load()
             raise
-        self.conflicted.update(e.id for e in entries if e.state == CONFLICTED)
-        self._mark_applied_many({e.id: e.position for e in entries})
-        self.next_position += len(entries)
-        return entries
+
+        def finish() -> list[Applied]:
+            try:
+                wait()
+            except BaseException:
+                self.store.rollback()
+                self.load()
+                raise
+            self.conflicted.update(e.id for e in entries if e.state == CONFLICTED)
+            self._mark_applied_many({e.id: e.position for e in entries})
+            self.next_position += len(entries)
+            return entries
+
+        return finish
 
     # -- queries ---------------------------------------------------------------
     def is_integrated(self, rev_id: str) -> bool:

@@ -42,14 +42,30 @@ def check_batch(engine: Engine, items: Sequence[tuple[dict[str, Any], bytes]],
     root key (``trust``), signed by the partition's sequencer; there, every
     new revision from outside must carry its origin's signature.
     """
+    return check_new(engine, check_items(items, trusted or trust is not None), trusted, trust)
+
+
+def check_items(items: Sequence[tuple[dict[str, Any], bytes]], code_allowed: bool
+                ) -> dict[str, Revision]:
+    """The checks each item passes alone — shape, checksum, digest, ops, declared
+    collections — and forks within the batch; by id. They read no peer state, so a
+    clone runs them while the previous batch commits."""
     batch: dict[str, Revision] = {}
     for descriptor, payload in items:
-        rev = _check_one(check_descriptor(descriptor), payload, trusted or trust is not None)
+        rev = _check_one(check_descriptor(descriptor), payload, code_allowed)
         other = batch.get(rev.id)
         if other is not None and other.descriptor["digest"] != rev.descriptor["digest"]:
             raise ForkedRevision(f"revision {rev.id[:12]}", other.descriptor["digest"],
                                  rev.descriptor["digest"])
         batch[rev.id] = rev
+    return batch
+
+
+def check_new(engine: Engine, batch: dict[str, Revision], trusted: bool = False,
+              trust: Trust | None = None) -> list[Revision]:
+    """The checks against what ``engine`` holds — known ids and slots, signatures of the
+    new, cycles, parents and hlc order — of a batch from :func:`check_items`; return its
+    new revisions, parents first."""
     new = _check_known(engine, batch)
     if trust is not None and not trusted:
         for rev in new.values():

@@ -292,8 +292,9 @@ class Ledger(LeaseHolder):
         """Record a revision (descriptor and payload), optionally as already applied."""
         self.insert_many([(rev, state, applied)])
 
-    def insert_many(self, rows: Sequence[tuple[Revision, str, Applied | None]]) -> None:
-        """Record several revisions in one statement."""
+    def insert_many(self, rows: Sequence[tuple[Revision, str, Applied | None]],
+                    defer: list[Statement] | None = None) -> None:
+        """Record several revisions; ``defer`` as in :meth:`mark_applied`."""
         now = time.time()
         params = []
         for rev, st, applied in rows:
@@ -310,19 +311,22 @@ class Ledger(LeaseHolder):
             ))
         if params:
             cur = raw_cursor(self.conn)
-            if len(params) == 1:
-                cur.execute(self._sql["insert"], params[0])
-            else:
-                cur.executemany(self._sql["insert"], params)
-            self._index_writes([rev for rev, _st, _a in rows], cur)
+            self._insert(cur, "insert", params, defer)
+            self._insert(cur, "writes", write_rows(rev for rev, _st, _a in rows), defer)
+
+    def _insert(self, cur: Any, name: str, params: list[tuple[Any, ...]],
+                defer: list[Statement] | None) -> None:
+        """Insert rows: one multi-row statement per chunk where the driver allows."""
+        if len(params) > 1 and self._row_values:
+            head = self._sql[name].partition(" VALUES ")[0] + " VALUES"
+            run_statements(cur, values_statements(head, params, "", self._row_values), defer)
+        elif len(params) == 1:
+            cur.execute(self._sql[name], params[0])
+        elif params:
+            cur.executemany(self._sql[name], params)
 
     def _index_writes(self, revs: Iterable[Revision], cur: Any = None) -> None:
-        keys = write_rows(revs)
-        cur = cur or raw_cursor(self.conn)
-        if len(keys) == 1:
-            cur.execute(self._sql["writes"], keys[0])
-        elif keys:
-            cur.executemany(self._sql["writes"], keys)
+        self._insert(cur or raw_cursor(self.conn), "writes", write_rows(revs), None)
 
     def announce_many(self, descriptors: Sequence[dict[str, Any]]) -> None:
         """Record descriptors whose payload has not arrived yet (state ``announced``)."""
