@@ -303,3 +303,33 @@ def test_a_big_graph_is_frozen_out_of_the_cyclic_collectors_sight(tmp_path, monk
             assert gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
+
+
+def test_a_bulk_batchs_sqlite_writes_search_by_key_and_never_scan_a_table(tmp_path) -> None:
+    """The multi-row statements a batch hands to its commit find each row by key or
+    rowid: a form that scans (such as ``(a, b) IN (VALUES ...)``) would make every
+    batch, and every single write, cost the size of the collection."""
+    from txengine.ledger import Applied
+    from txengine.stores.sql import raw_cursor
+
+    with Peer.open(str(tmp_path / "a.db"), peer_id="a") as peer:
+        for n in range(3):
+            with peer.transaction("w") as tx:
+                tx.insert("items", {"_id": n})
+        ids = [h.id for h in peer.history()]
+        statements: list = []
+        peer._store.write_states("default", "items", {"0": (None, None), "1": (None, None),
+                                                      "5": ({"_id": 5}, "x")}, statements)
+        peer._ledger.rows(ids, "kind")  # bulk reads address rows by rowid afterwards
+        peer._ledger.mark_applied([Applied(i, n, []) for n, i in enumerate(ids)], statements)
+        peer._ledger.mark_unapplied(ids, statements)
+        cur = raw_cursor(peer._store.conn)
+        plans = []
+        for sql, params in statements:
+            cur.execute("EXPLAIN QUERY PLAN " + sql, params)
+            plans += [row[3] for row in cur.fetchall()]
+        peer._store.rollback()
+    assert len(statements) == 4, statements
+    scans = [p for p in plans if p.startswith("SCAN") and "CONSTANT ROW" not in p
+             and not p.startswith("SCAN v")]
+    assert not scans, plans

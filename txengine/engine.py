@@ -671,11 +671,11 @@ class Engine:
         transaction; they see what a sequential run would: the ledger columns
         they read do not change, and every key the waiting batch writes is in
         the work states already. (Reads beside the helper would wait for it:
-        both go through the one connection.) A batch that
-        runs code, or may undo what the waiting batch applied, waits for that
-        commit first (:meth:`_must_wait`). The in-memory graph learns of a
-        batch once its commit returned; the lease is renewed only between
-        commits, so a renewal never commits half a batch.
+        both go through the one connection.) A batch that runs code, or may
+        undo what the waiting batch applied, waits for that commit first
+        (:meth:`_must_wait`). The in-memory graph learns of a batch once its
+        commit returned; the lease is renewed only between commits, so a
+        renewal never commits half a batch.
         """
         done = 0
         waiting: _Batch | None = None  # written; its commit runs beside the next batch

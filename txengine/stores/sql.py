@@ -318,7 +318,7 @@ class SqlStore:
                           " DO UPDATE SET doc = excluded.doc,"
                           " _incarnation = excluded._incarnation",
                 "delete": f"DELETE FROM {q} WHERE _partition = {ph} AND _key = {ph}",
-                "delete_rows": f"DELETE FROM {q} WHERE (_partition, _key) IN (VALUES",
+                "delete_in": f"DELETE FROM {q} WHERE _partition = {ph} AND _key IN ",
                 "upsert_rows": f"INSERT INTO {q} (_partition, _key, doc, _incarnation) VALUES",
                 "on_conflict": " ON CONFLICT (_partition, _key) DO UPDATE SET"
                                " doc = excluded.doc, _incarnation = excluded._incarnation",
@@ -367,8 +367,12 @@ class SqlStore:
         limit = self._row_values
         if limit and (deletes or upserts):
             statements = []
-            if deletes:
-                statements += values_statements(sql["delete_rows"], deletes, ")", limit)
+            if deletes:  # by key list: the row-value form `IN (VALUES ...)` scans the table
+                keys = [key for _partition, key in deletes]
+                statements += [(f"{sql['delete_in']}({', '.join('?' * len(chunk))})",
+                                [partition, *chunk])
+                               for chunk in (keys[i:i + limit - 1]
+                                             for i in range(0, len(keys), limit - 1))]
             if upserts:
                 statements += values_statements(sql["upsert_rows"], upserts, sql["on_conflict"],
                                                  limit)
