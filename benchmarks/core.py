@@ -161,8 +161,8 @@ def main() -> None:
         print(f"{name}: {n_chain} revisions, median {median:,.0f} rev/s over {len(runs)} runs"
               f" ({rates}) (target >= 25,000); CPU time of the process: {cpu:,.0f} rev/s")
     print(f"host check: a fixed pure-Python loop took {_host_check():.2f} s"
-          " (1.1-1.2 s on the CI kind of machine with nothing else of ours running;"
-          " more means a busier host)")
+          " (0.8-0.95 s seen on a quiet host of the CI kind, 1.1-1.4 s on a busy one:"
+          " wall rates move with it)")
 
 
 def _timed(command, target: str) -> tuple[float, float]:
