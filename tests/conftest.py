@@ -156,3 +156,22 @@ def pair(store_url: str, new_store: Any) -> Iterator[tuple[Peer, Peer]]:
     finally:
         a.close()
         b.close()
+
+
+def fail_background_commit(monkeypatch: pytest.MonkeyPatch, call: int) -> list[int]:
+    """Make the ``call``-th ``SqlStore.commit_in_background`` run a statement that fails
+    (``no_such_table``) after what it was handed; return, per call, how many statements
+    it was handed. ``monkeypatch.undo()`` restores the real one."""
+    from txengine.stores.sql import SqlStore
+
+    real = SqlStore.commit_in_background
+    calls: list[int] = []
+
+    def failing(self: SqlStore, statements: Any = ()) -> Callable[[], None]:
+        calls.append(len(statements))
+        if len(calls) == call:
+            statements = [*statements, ("UPDATE no_such_table SET x = 1", [])]
+        return real(self, statements)
+
+    monkeypatch.setattr(SqlStore, "commit_in_background", failing)
+    return calls

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from conftest import fail_background_commit
 
 from txengine.cli import cli
 from txengine.engine import Progress
@@ -206,26 +207,15 @@ def test_a_commit_that_fails_beside_the_next_checks_leaves_a_prefix_sync_complet
     """A one-pass clone commits each batch on a helper thread while it checks the next;
     when that commit fails, the clone stops with its error, the batches committed
     before stay, and a sync from the source completes the copy."""
-    from txengine.stores.sql import SqlStore
-
     source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
     with Peer.open(source_url, peer_id="source") as source:
         fill(source, 12)
         expected = source.snapshot()
-    real = SqlStore.commit_in_background
-    calls = []
-
-    def failing_second(self, statements=()):
-        calls.append(len(statements))
-        if len(calls) == 2:
-            statements = [*statements, ("UPDATE no_such_table SET x = 1", [])]
-        return real(self, statements)
-
-    monkeypatch.setattr(SqlStore, "commit_in_background", failing_second)
+    calls = fail_background_commit(monkeypatch, 2)
     with pytest.raises(Exception, match="no_such_table"):
         Peer.clone(source_url, target, "copy", batch_size=4)
     assert calls[0] > 0, "the first batch's inserts ran on the helper"
-    monkeypatch.setattr(SqlStore, "commit_in_background", real)
+    monkeypatch.undo()
     with Peer.open(target, peer_id="copy") as copy:
         assert len(copy.history()) == 4, "the first batch stays, the second is gone"
         assert copy.verify(replay=True).ok

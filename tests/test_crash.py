@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import strict
+from conftest import fail_background_commit, strict
 
 from txengine.engine import Progress
 from txengine.peer import Peer
@@ -164,22 +164,11 @@ def test_a_commit_that_fails_beside_the_next_batch_leaves_the_batches_before_it(
     computed; when they fail (here a statement the third commit runs), the command
     raises that error, the third batch is not committed, and the peer is as if it
     stopped after the second."""
-    from txengine.stores.sql import SqlStore
-
     ids, states = history
     if command == "upgrade":
         with Peer.open(store_url, peer_id="test") as peer:
             peer.downgrade("base")
-    real = SqlStore.commit_in_background
-    calls = []
-
-    def failing_third(self, statements=()):
-        calls.append(len(statements))
-        if len(calls) == 3:
-            statements = [*statements, ("UPDATE no_such_table SET x = 1", [])]
-        return real(self, statements)
-
-    monkeypatch.setattr(SqlStore, "commit_in_background", failing_third)
+    calls = fail_background_commit(monkeypatch, 3)
     target = "heads" if command == "upgrade" else "base"
     with Peer.open(store_url, peer_id="test", batch_size=BATCH) as peer:
         with pytest.raises(Exception, match="no_such_table"):
@@ -188,7 +177,7 @@ def test_a_commit_that_fails_beside_the_next_batch_leaves_the_batches_before_it(
         assert sorted(peer._engine.applied) == sorted(kept), "memory follows the commits"
         if store_url.startswith("sqlite"):
             assert calls[:2] != [0, 0], "SQLite hands the batch's writes to the helper"
-    monkeypatch.setattr(SqlStore, "commit_in_background", real)
+    monkeypatch.undo()
     with Peer.open(store_url, peer_id="test", batch_size=BATCH) as peer:
         assert sorted(peer._engine.applied) == sorted(kept)
         assert strict(peer.snapshot()) == states[len(kept) - 1]
