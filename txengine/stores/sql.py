@@ -308,20 +308,19 @@ class SqlStore:
             q = self.conn.dialect.identifier_preparer.quote(collection)
             ph = self.placeholder()
             doc = f"CAST({ph} AS JSON)" if self._is_pg else ph
+            upsert_rows = f"INSERT INTO {q} (_partition, _key, doc, _incarnation) VALUES"
+            on_conflict = (" ON CONFLICT (_partition, _key) DO UPDATE SET doc = excluded.doc,"
+                           " _incarnation = excluded._incarnation")
             sql = {
                 "select1": f"SELECT _key, doc, _incarnation FROM {q}"
                            f" WHERE _partition = {ph} AND _key = {ph}",
                 "select": f"SELECT _key, doc, _incarnation FROM {q}"
                           f" WHERE _partition = {ph} AND _key IN ",
-                "upsert": f"INSERT INTO {q} (_partition, _key, doc, _incarnation)"
-                          f" VALUES ({ph}, {ph}, {doc}, {ph}) ON CONFLICT (_partition, _key)"
-                          " DO UPDATE SET doc = excluded.doc,"
-                          " _incarnation = excluded._incarnation",
+                "upsert": f"{upsert_rows} ({ph}, {ph}, {doc}, {ph}){on_conflict}",
                 "delete": f"DELETE FROM {q} WHERE _partition = {ph} AND _key = {ph}",
                 "delete_in": f"DELETE FROM {q} WHERE _partition = {ph} AND _key IN ",
-                "upsert_rows": f"INSERT INTO {q} (_partition, _key, doc, _incarnation) VALUES",
-                "on_conflict": " ON CONFLICT (_partition, _key) DO UPDATE SET"
-                               " doc = excluded.doc, _incarnation = excluded._incarnation",
+                "upsert_rows": upsert_rows,
+                "on_conflict": on_conflict,
             }
             self._statements[collection] = sql
         return sql
