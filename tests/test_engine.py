@@ -333,3 +333,25 @@ def test_a_bulk_batchs_sqlite_writes_search_by_key_and_never_scan_a_table(tmp_pa
     scans = [p for p in plans if p.startswith("SCAN") and "CONSTANT ROW" not in p
              and not p.startswith("SCAN v")]
     assert not scans, plans
+
+
+
+def test_a_bulk_upgrade_commits_the_stores_batch_unless_the_peer_names_one(tmp_path) -> None:
+    """SQL stores commit 20,000 revisions a batch (each commit rewrites the pages its
+    batch dirtied), MongoDB 2,000 (a transaction is bounded); ``batch_size`` wins."""
+    import uuid
+
+    with Peer.open(str(tmp_path / "a.db"), peer_id="a") as a:
+        for n in range(2100):
+            with a.transaction("w") as tx:
+                tx.insert("items", {"_id": n})
+        for name, batch_size, rows in (("b", None, 1), ("c", 1000, 3)):
+            with Peer.open(str(tmp_path / f"{name}.db"), peer_id=name,
+                           batch_size=batch_size) as peer:
+                share(a, peer)
+                peer.upgrade("heads")
+                batches = [e.detail["count"] for e in peer.audit() if e.action == "upgrade"]
+                assert len(batches) == rows and sum(batches) == 2100
+                assert peer.snapshot() == a.snapshot()
+    with Peer.open(f"mongomock://localhost/batch_{uuid.uuid4().hex}") as peer:
+        assert peer._engine.batch_size == 2000

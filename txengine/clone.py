@@ -30,12 +30,8 @@ if TYPE_CHECKING:
     from .peer import Peer
 
 _SYNC_BATCH = 2000
-"""Revisions a clone through sync's messages moves a batch, by default."""
-_REPLAY_BATCH = 20_000
-"""Revisions a one-pass clone checks and commits together by default. Each commit writes
-the pages the batch dirtied, and the id and key indexes take their keys at random, so a
-small batch writes the same index pages again and again: at 2,000 a batch, commits
-took 17 µs a revision of a 100,000-revision clone; at 25,000, 4 µs."""
+"""Revisions a clone through sync's messages moves a batch, by default. A one-pass clone
+commits the new store's ``bulk_batch`` at a time, as a bulk upgrade does."""
 
 
 def clone(peer_class: type[Peer], source: str | Any, store: str | Any,
@@ -67,7 +63,7 @@ def clone(peer_class: type[Peer], source: str | Any, store: str | Any,
             if ids is not None:
                 new._take_lease()
                 try:
-                    replay(origin, new, ids, batch_size or _REPLAY_BATCH, progress)
+                    replay(origin, new, ids, batch_size or new._store.bulk_batch, progress)
                     done = True
                 except (InvalidInput, IntegrityError, RevisionError, UntrustedScript):
                     since = Side(new).vector()  # a bad revision: sync refuses it alone

@@ -61,7 +61,7 @@ class Peer:
     """
 
     def __init__(self, engine: sa.Engine | Any, peer_id: str | None = None,
-                 script_location: str | Path | None = None, batch_size: int = 2000,
+                 script_location: str | Path | None = None, batch_size: int | None = None,
                  key_file: str | Path | None = None) -> None:
         self._conn: sa.Connection | None = None
         self.sa_engine: sa.Engine | None = None
@@ -93,7 +93,8 @@ class Peer:
             self.origin = f"{self.peer_id}:{epoch}"
             self.script_location = Path(script_location) if script_location else None
             self._engine = Engine(self._store, self._ledger, self.origin,
-                                  scripts=self._run_script, batch_size=batch_size)
+                                  scripts=self._run_script,
+                                  batch_size=batch_size or self._store.bulk_batch)
             self._script_paths: dict[str, Path] = {}
             self._authored: dict[str, Any] = {}
             self._pinned: bool | None = None
@@ -116,14 +117,16 @@ class Peer:
 
     @classmethod
     def open(cls, store: str | sa.Engine | Any, peer_id: str | None = None, *,
-             script_location: str | Path | None = None, batch_size: int = 2000,
+             script_location: str | Path | None = None, batch_size: int | None = None,
              key_file: str | Path | None = None) -> Peer:
         """Open a peer on a store URL or object.
 
         A URL: ``sqlite:///app.db``, a path, PostgreSQL, ``mongodb://host/db``
         (``mongomock://host/db`` for the in-memory test double); an object: a
         SQLAlchemy Engine or a pymongo (or mongomock) ``Database``. ``key_file``
-        holds this peer's private key (see :attr:`key`).
+        holds this peer's private key (see :attr:`key`). ``batch_size`` is how
+        many revisions a bulk upgrade or downgrade commits together (default:
+        the store's ``bulk_batch``, 20,000 on SQL, 2,000 on MongoDB).
         """
         from .stores.mongo import is_database, is_mongo_url, open_database
 
@@ -686,8 +689,8 @@ class Peer:
         (see :mod:`txengine.checkpoint`). A history of data revisions only is
         replayed in one pass instead, each batch checked as any intake and
         applied as it is recorded (see :mod:`txengine.clone`). Payloads move
-        ``batch_size`` at a time (default: 20,000 in one pass, 2,000 through
-        sync), each batch one commit. The new peer installs
+        ``batch_size`` at a time (default: the new store's ``bulk_batch`` in one
+        pass, 2,000 through sync), each batch one commit. The new peer installs
         the source's root key, if it has one, before the first descriptor
         arrives, so what it replays is verified as any sync would. Returns the
         new, open peer (close it).

@@ -23,6 +23,10 @@ class Store(Protocol):
     """True when data, ledger and audit writes commit in one transaction."""
     declared_tables: bool
     """True when an app-declared table (SQL) can hold a collection, column for field."""
+    bulk_batch: int
+    """Revisions a bulk upgrade or downgrade commits together unless the peer was opened
+    with a ``batch_size``: each commit has a fixed cost, which a store sets against the
+    size of one transaction."""
 
     def commit(self) -> None:
         """Commit data, ledger and audit writes together (or finish the intent record)."""

@@ -188,6 +188,8 @@ class MongoStore:
     kind = "mongo"
     declared_tables = False
     exact_decimal_columns = False
+    bulk_batch = 2000
+    """A MongoDB transaction holds its writes in memory and is bounded in size and time."""
 
     def __init__(self, db: Any, client: Any = None, transactions: bool | None = None) -> None:
         if not _is_mock(db):

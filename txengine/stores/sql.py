@@ -135,6 +135,12 @@ class SqlStore:
     transactional = True
     declared_tables = True
     """App-declared tables serve as collections (see :mod:`.declared`)."""
+    bulk_batch = 20_000
+    """A commit rewrites every page its batch dirtied, and the ledger's id index and the
+    document keys take their keys at random, so small batches write the same pages again
+    and again. On SQLite, at 20,000 a batch rather than 2,000, ``upgrade heads`` of
+    100,000 revisions ran ~25 % faster and ``downgrade base`` ~20 % (PostgreSQL: no
+    slower), and a clone's commits took 4 µs a revision instead of 17."""
 
     def __init__(self, conn: sa.Connection) -> None:
         self.conn = conn
