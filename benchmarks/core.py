@@ -2,6 +2,7 @@
 
 Run: python benchmarks/core.py [--quick]
 Each scenario and its baseline run in the same process; medians and ratios.
+Peers open with the default batch size (the store's ``bulk_batch``), as a user's would.
 """
 
 from __future__ import annotations
@@ -133,14 +134,14 @@ def main() -> None:
     print(f"write (1 insert/transaction, {n_write} interleaved): baseline {base*1e6:.0f} µs,"
           f" txengine {ours*1e6:.0f} µs, ratio {ours/base:.2f}x (target <= 2x)")
     tmp = tempfile.mkdtemp()
-    peer = Peer.open(os.path.join(tmp, "chain.db"), peer_id="bench", batch_size=5000)
+    peer = Peer.open(os.path.join(tmp, "chain.db"), peer_id="bench")
     t = time.perf_counter()
     make_chain(peer, n_chain, n_chain // 10)
     print(f"recorded {n_chain} revisions in {time.perf_counter()-t:.1f}s")
     ups = [_timed(peer.upgrade, "heads")]
     peer.close()
     t = time.perf_counter()
-    peer = Peer.open(os.path.join(tmp, "chain.db"), peer_id="bench", batch_size=5000)
+    peer = Peer.open(os.path.join(tmp, "chain.db"), peer_id="bench")
     print(f"open (load graph of {n_chain}): {time.perf_counter()-t:.2f}s")
     t = time.perf_counter()
     peer.heads()

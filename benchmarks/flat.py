@@ -36,7 +36,7 @@ def build(tmp: Path, n: int) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     items = shared_history(n)
     for name in ("alice", "bob"):
-        peer = Peer.open(str(tmp / f"{name}.db"), peer_id=name, batch_size=5000)
+        peer = Peer.open(str(tmp / f"{name}.db"), peer_id=name)
         for i in range(0, n, 20_000):
             peer.receive(items[i:i + 20_000])
         peer.upgrade("heads")

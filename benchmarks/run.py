@@ -95,7 +95,7 @@ def write(tmp: Path, n: int) -> list[Row]:
 def replay(tmp: Path, n: int, runs: int) -> list[Row]:
     """upgrade heads / downgrade base of n revisions vs executemany of the rows they leave."""
     path = str(tmp / f"chain-{n}.db")
-    peer = Peer.open(path, peer_id="bench", batch_size=5000)
+    peer = Peer.open(path, peer_id="bench")
     core.make_chain(peer, n, max(10, n // 10))
     ups, downs = [], []
     for _ in range(runs):
@@ -118,7 +118,7 @@ def replay(tmp: Path, n: int, runs: int) -> list[Row]:
 def graph(tmp: Path, n: int) -> list[Row]:
     """Open, heads and history at n revisions (no baseline: the flat-cost check is 10k vs n)."""
     path = str(tmp / f"graph-{n}.db")
-    with Peer.open(path, peer_id="bench", batch_size=5000) as peer:
+    with Peer.open(path, peer_id="bench") as peer:
         core.make_chain(peer, n, max(10, n // 10))
     opened = _timed(lambda: Peer.open(path, peer_id="bench").close())
     with Peer.open(path, peer_id="bench") as peer:
@@ -203,7 +203,7 @@ def bootstrap_source(tmp: Path, documents: int, per_document: int) -> BootstrapS
     """Build the source: ``documents`` x ``per_document`` revisions, then a checkpoint."""
     source = str(tmp / f"boot-source-{documents}.db")
     t = time.perf_counter()
-    with Peer.open(source, peer_id="hub", batch_size=5000) as hub:
+    with Peer.open(source, peer_id="hub") as hub:
         hub.trust_sequencer("hub")
         items = history_items(documents, per_document)
         while chunk := list(itertools.islice(items, 20_000)):
