@@ -455,32 +455,33 @@ class Ledger(LeaseHolder):
         On the driver's cursor: this feeds every bulk batch. On SQLite a big
         read goes by rowid (see :meth:`_rowid_index`): the ids are digests, so
         the text key is hit at random, and a rowid lookup costs about a third.
+        There, each row also carries its ``rowid``, last.
         """
-        names = ("id", *columns)
-        row_type = _row_type(names)
+        sqlite = self._sqlite
+        names = ("id", *columns, "rowid") if sqlite else ("id", *columns)
+        make = _row_type(names)._make
         cur = raw_cursor(self.conn)
         out: dict[str, Any] = {}
-        rowids: dict[str, int] = {}
-        selected = ", ".join(names) + (", rowid" if self._sqlite else "")
-        width = len(names)
+        selected = ", ".join(names)
         rest: Sequence[str] = ids
-        if self._sqlite and len(ids) >= _BY_ROWID:
+        if sqlite and len(ids) >= _BY_ROWID:
             known = self._rowid_index()
-            wanted = set(ids)
             head = f"SELECT {selected} FROM txengine_revisions WHERE rowid IN ("
-            for values in self._select_in(cur, head, [known[i] for i in ids if i in known]):
-                if values[0] in wanted:  # a deleted row's rowid may have been reused
-                    out[values[0]] = row_type(*values[:width])
-                    rowids[values[0]] = values[width]
-            rest = [i for i in ids if i not in out]
-        head = f"SELECT {selected} FROM txengine_revisions WHERE id IN ("
-        for values in self._select_in(cur, head, rest):
-            out[values[0]] = row_type(*values[:width])
-            if self._sqlite:
-                rowids[values[0]] = values[width]
-                if self._rowid_of is not None:
-                    self._rowid_of[values[0]] = values[width]
-        self._rowids = rowids
+            wanted = [r for r in map(known.get, ids) if r is not None]
+            out = {row[0]: row for row in map(make, self._select_in(cur, head, wanted))}
+            if len(out) != len(ids) or not out.keys() <= set(ids):
+                # a row inserted since the index was read, or a deleted row's rowid reused
+                out = {i: out[i] for i in ids if i in out}
+                rest = [i for i in ids if i not in out]
+            else:
+                rest = ()
+        if rest:
+            head = f"SELECT {selected} FROM txengine_revisions WHERE id IN ("
+            fetched = [make(values) for values in self._select_in(cur, head, rest)]
+            out.update((row[0], row) for row in fetched)
+            if sqlite and self._rowid_of is not None:
+                self._rowid_of.update((row[0], row[-1]) for row in fetched)
+        self._rowids = {i: row[-1] for i, row in out.items()} if sqlite else {}
         return out
 
     def _select_in(self, cur: Any, head: str, keys: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
