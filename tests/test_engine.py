@@ -355,3 +355,26 @@ def test_a_bulk_upgrade_commits_the_stores_batch_unless_the_peer_names_one(tmp_p
                 assert peer.snapshot() == a.snapshot()
     with Peer.open(f"mongomock://localhost/batch_{uuid.uuid4().hex}") as peer:
         assert peer._engine.batch_size == 2000
+
+
+def test_bulk_reads_by_rowid_survive_a_stale_rowid_hint(tmp_path, monkeypatch) -> None:
+    """Bulk reads address SQLite rows by a rowid hint read once per process; a row
+    inserted since, or a rowid that now holds another revision, is read by id."""
+    from txengine import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "_BY_ROWID", 2)
+    with Peer.open(str(tmp_path / "a.db"), peer_id="a") as peer:
+        for n in range(4):
+            with peer.transaction("w") as tx:
+                tx.insert("items", {"_id": n})
+        ids = [h.id for h in peer.history()]
+        led = peer._ledger
+        assert set(led.rows(ids, "kind")) == set(ids)  # reads the hint
+        hint = led._rowid_index()
+        first, second = ids[0], ids[1]
+        hint[first], hint[second] = hint[second], hint[first] + 10_000  # both stale
+        rows = led.rows(ids, "kind", "seq")
+        assert set(rows) == set(ids)
+        assert all(rows[i].id == i and rows[i].kind == "data" for i in ids)
+        assert led._rowid_index()[first] == rows[first].rowid  # read by id: the hint is mended
+        assert led.rows([second, first], "kind").keys() == {first, second}
