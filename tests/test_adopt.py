@@ -25,9 +25,16 @@ from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
 from click.testing import CliRunner, Result
 
-from txengine.adopt import ORIGIN, adopt_directory, read_directory, topological, versions_dir
+from txengine.adopt import (
+    ORIGIN,
+    adopt_directory,
+    init_from_alembic,
+    read_directory,
+    topological,
+    versions_dir,
+)
 from txengine.cli import cli
-from txengine.exceptions import CycleDetected, MissingParent
+from txengine.exceptions import CycleDetected, MissingParent, StoreError
 from txengine.peer import Peer
 from txengine.scripts import load_versions
 
@@ -280,6 +287,13 @@ def test_missing_parent_is_refused_before_anything_is_written(tmp_path: Path) ->
     with pytest.raises(MissingParent, match="b2"):
         adopt_directory(tmp_path)
     assert (tmp_path / "b2_add_email.py").read_text() == text
+
+
+def test_adopting_into_a_mongodb_store_is_refused_as_a_store_error(tmp_path: Path) -> None:
+    root = tmp_path / "project"
+    alembic_project(root, MIGRATIONS)
+    with pytest.raises(StoreError, match="only SQL stores have"):
+        init_from_alembic(root, root / "migrations", peer_id="p1", store="mongomock://h/adopt")
 
 
 def test_cycle_is_refused(tmp_path: Path) -> None:

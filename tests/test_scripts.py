@@ -359,6 +359,15 @@ def test_malformed_frozen_descriptor_names_the_file(tmp_path):
         load_authored(path)
 
 
+def test_malformed_txengine_header_names_the_file_and_line(tmp_path):
+    path = tmp_path / "x_bad.py"
+    path.write_text(render_authored(**AUTHORED).replace('"stores": ["sql", "mongo"]',
+                                                        '"stores": []'))
+    match = r"x_bad\.py:16: header txengine stores must be a non-empty list"
+    with pytest.raises(MalformedPayload, match=match):
+        load_authored(path)
+
+
 def test_missing_txengine_header_is_refused(tmp_path):
     path = tmp_path / "x_alembic.py"
     path.write_text('revision = "abc"\ndown_revision = None\n')

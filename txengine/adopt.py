@@ -295,9 +295,10 @@ def init_from_alembic(directory: str | Path, source: str | Path, *, peer_id: str
     frozen = adopt_directory(versions)
     url = store or cfg.require_store()
     with Peer.open(url, peer_id or cfg.peer_id, script_location=cfg.script_location) as peer:
+        stamped = peer.adopt()
+        assert peer._conn is not None  # adopt refused a store without SQL tables
         heads = alembic_version_heads(peer._conn)
         peer._conn.rollback()
-        stamped = peer.adopt()
         peer_name = peer.peer_id
     return AdoptReport(ini, created, url, peer_name, versions, frozen.adopted, frozen.kept,
                        stamped.applied, heads)

@@ -464,9 +464,10 @@ def prune(peer: Peer, ref: str, archive: str | Path | None = None) -> PruneInfo:
         rows = ledger.full_rows(order)
         store.rollback()
         items = [descriptor_from_row(rows[r]) for r in order]
-        messages = [{"type": "descriptors", "items": items},
-                    {"type": "payloads", "items": [[r, payload_of(rows[r]).decode("utf-8")]
-                                                   for r in order]}]
+        messages: list[dict[str, Any]] = [
+            {"type": "descriptors", "items": items},
+            {"type": "payloads", "items": [[r, payload_of(rows[r]).decode("utf-8")]
+                                           for r in order]}]
         bundle.write(archive, bundle.header_of(Side(peer), [partition], {}, messages), messages)
     body = decode_payload(rev.payload)
     try:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO, TypeVar
 
 import click
 import sqlalchemy as sa
@@ -33,6 +33,8 @@ from .exceptions import (
 from .ledger import AuditEntry
 from .peer import OperationResult, Peer, RevisionDetail, RevisionInfo, VerifyReport
 from .revision import DEFAULT_PARTITION
+
+T = TypeVar("T")
 
 # -- state and errors ----------------------------------------------------------------
 
@@ -247,7 +249,7 @@ RENDERERS: dict[str, Callable[[Any], Iterable[str]]] = {
 class ProgressBar:
     """A ``progress=`` callback drawing a bar on stderr (only when stderr is a terminal)."""
 
-    def __init__(self, label: str, file: IO[str] | None = None) -> None:
+    def __init__(self, label: str, file: TextIO | None = None) -> None:
         self.label = label
         self.file = file or click.get_text_stream("stderr")
         self._bar: Any = None
@@ -268,7 +270,7 @@ class ProgressBar:
             self._bar = None
 
 
-def _run_with_progress(label: str, call: Callable[[Any], OperationResult]) -> OperationResult:
+def _run_with_progress(label: str, call: Callable[[Any], T]) -> T:
     if not click.get_text_stream("stderr").isatty():
         return call(None)
     bar = ProgressBar(label)

@@ -131,7 +131,7 @@ def _replay(source: Peer, engine: Engine, ids: list[str], batch_size: int, trust
             batch = check_items([(descriptor_from_row(rows[r]), payload_of(rows[r]))
                                  for r in chunk], trust is not None)
             if finish is not None:
-                finish, waiting = None, finish
+                waiting, finish = finish, None
                 waiting()
                 if progress is not None:
                     progress(Progress("fetch", start, total))
@@ -142,7 +142,7 @@ def _replay(source: Peer, engine: Engine, ids: list[str], batch_size: int, trust
                 if finish is None:
                     engine.record_fetched(new)
         if finish is not None:
-            finish, waiting = None, finish
+            waiting, finish = finish, None
             waiting()
     except BaseException:
         if finish is not None:

@@ -117,11 +117,12 @@ class Credentials:
 
     def __init__(self, conn: sa.Connection | None, mongo_db: Any = None) -> None:
         self._conn = conn
-        self._coll = mongo_db["txengine_peers"] if conn is None else None
+        self._coll: Any = None
         if conn is not None:
             metadata.create_all(conn)
             conn.commit()
         else:
+            self._coll = mongo_db["txengine_peers"]
             self._coll.create_index("token_sha256", unique=True)
 
     def add(self, name: str) -> NewCredential:

@@ -53,18 +53,20 @@ def documents(store: Store, partition: str, overlay: Overlay | None = None
         i = 0
         for key, doc, inc in store.ordered_states(partition, collection):
             while i < len(extra) and extra[i][0] < key:
-                if extra[i][1][0] is not None:
-                    yield collection, extra[i][0], extra[i][1][1], extra[i][1][0]
+                extra_doc, extra_inc = extra[i][1]
+                if extra_doc is not None:
+                    yield collection, extra[i][0], extra_inc, extra_doc
                 i += 1
             if i < len(extra) and extra[i][0] == key:
-                if extra[i][1][0] is not None:
-                    yield collection, key, extra[i][1][1], extra[i][1][0]
+                extra_doc, extra_inc = extra[i][1]
+                if extra_doc is not None:
+                    yield collection, key, extra_inc, extra_doc
                 i += 1
                 continue
             yield collection, key, inc, doc
-        for key, (doc, inc) in extra[i:]:
-            if doc is not None:
-                yield collection, key, inc, doc
+        for key, (extra_doc, extra_inc) in extra[i:]:
+            if extra_doc is not None:
+                yield collection, key, extra_inc, extra_doc
 
 
 def lines(store: Store, partition: str, overlay: Overlay | None = None) -> Iterator[bytes]:

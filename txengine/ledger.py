@@ -148,8 +148,8 @@ def utc_now() -> str:
 
 
 @functools.cache
-def _row_type(names: tuple[str, ...]) -> type:
-    return collections.namedtuple("LedgerRow", names)  # type: ignore[return-value]
+def _row_type(names: tuple[str, ...]) -> Any:
+    return collections.namedtuple("LedgerRow", names)
 
 
 DESCRIPTOR_COLUMNS = ("partition", "parents", "depends_on", "origin", "seq", "hlc_ms", "hlc_c",

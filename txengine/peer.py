@@ -899,9 +899,9 @@ class Peer:
                     "enroll" in body or "revoke" in body) else None
         enrolment = Enrolment()
         for c in configs:
-            body = self._enrolments[c]
-            if body is not None:
-                enrolment.add(c, body)
+            enrolled = self._enrolments[c]
+            if enrolled is not None:
+                enrolment.add(c, enrolled)
         return enrolment
 
     def configure(self, partition: str = DEFAULT_PARTITION, *,

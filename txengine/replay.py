@@ -42,6 +42,7 @@ def replay_findings(peer: Peer) -> list[Finding]:
         if want == have:
             continue
         if have is None:
+            assert want is not None  # the key is in one snapshot or the other
             problem = f"missing from the live data; replay has {want[0]}"
         elif want is None:
             problem = f"in the live data ({have[0]}) but not in the replay"

@@ -21,9 +21,8 @@ if TYPE_CHECKING:
 
 def remap_expect(op: Op, mapping: dict[str, str]) -> Op:
     """Point an op's ``expect`` at the re-issued id of the revision it named."""
-    expect = getattr(op, "expect", None)
-    if expect in mapping:
-        return dataclasses.replace(op, expect=mapping[expect])  # type: ignore[type-var]
+    if not isinstance(op, Insert) and op.expect in mapping:
+        return dataclasses.replace(op, expect=mapping[op.expect])
     return op
 
 

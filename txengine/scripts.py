@@ -482,7 +482,7 @@ def parse_authored(payload: bytes, path: Path) -> AuthoredScript:
             raise MalformedPayload(f"{where}: script revision has no {name} = ... header")
     refs = {name: header_ids(*header.get(name, (None, 1, 1))[:2], name, where)
             for name in ("down_revision", "branch_labels", "depends_on")}
-    frozen = _frozen(*header["txengine"][:2], where)
+    frozen = _frozen(header["txengine"][0], where, header["txengine"][1])
     if "depends_on" in frozen:
         refs["depends_on"] = header_ids(frozen["depends_on"], header["txengine"][1],
                                          "txengine depends_on", where)

@@ -33,6 +33,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from bson import Decimal128
+from sqlalchemy.engine.interfaces import ReflectedForeignKeyConstraint
 
 from ..exceptions import StoreError
 from ..values import MAX_SAFE_INT, from_ejson, key_text, to_ejson
@@ -146,6 +147,7 @@ def _numeric_codec(scale: int | None, is_pg: bool
     def encode(value: Any) -> Any:
         text = _decimal_text(value)
         number = decimal.Decimal(text)
+        stored: decimal.Decimal | int | float
         if is_pg:
             stored = number.quantize(decimal.Decimal(1).scaleb(-scale)) if scale is not None \
                 else (number.quantize(decimal.Decimal(1)) if number.as_tuple().exponent > 0  # type: ignore[operator]
@@ -424,7 +426,7 @@ def _named(name: str | None) -> str:
     return f"{name!r} " if name else ""
 
 
-def _cascade(fk: dict[str, Any]) -> str | None:
+def _cascade(fk: ReflectedForeignKeyConstraint) -> str | None:
     options = fk.get("options") or {}
     for action in ("ondelete", "onupdate"):
         rule = str(options.get(action) or "").upper()

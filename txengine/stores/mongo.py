@@ -31,7 +31,7 @@ import datetime as _dt
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 import bson
@@ -57,7 +57,7 @@ _MOCK_CLIENTS: dict[str, Any] = {}
 # -- opening -------------------------------------------------------------------------------
 
 
-def is_mongo_url(url: Any) -> bool:
+def is_mongo_url(url: Any) -> TypeGuard[str]:
     """Tell whether ``url`` names a MongoDB store (``mongodb://``, ``mongodb+srv://``, mock)."""
     return isinstance(url, str) and url.startswith(("mongodb://", "mongodb+srv://",
                                                     "mongomock://"))
@@ -397,7 +397,7 @@ class MongoStore:
         """Buffer final states for the commit (``defer`` is moot: nothing runs before it)."""
         check_collection(collection)
         name = collection_name(partition, collection)
-        staged = []
+        staged: list[tuple[str, Any, dict[str, Any] | None]] = []
         for text, (doc, inc) in states.items():
             _id = key_value(text)
             if doc is None:
@@ -464,7 +464,7 @@ class MongoStore:
             self.client.close()
 
 
-def _state_of(doc: Mapping[str, Any]) -> State:
+def _state_of(doc: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
     inc = doc.get(INCARNATION)
     return {k: to_ejson_value(v) for k, v in doc.items() if k != INCARNATION}, inc
 

@@ -371,7 +371,7 @@ class SqlStore:
         cur = self.cursor()
         limit = self._row_values
         if limit and (deletes or upserts):
-            statements = []
+            statements: list[Statement] = []
             if deletes:  # by key list: the row-value form `IN (VALUES ...)` scans the table
                 keys = [key for _partition, key in deletes]
                 statements += [(f"{sql['delete_in']}({', '.join('?' * len(chunk))})",

@@ -226,8 +226,9 @@ MESSAGES: tuple[type[BaseModel], ...] = (
 def schemas() -> dict[str, Any]:
     """Return the JSON Schema of every message and body, by name; each refers to the others
     as ``#/$defs/Name`` (one document: ``{"$defs": schemas()}``)."""
-    models = (Descriptor, Signature, *MESSAGES, SyncRequest, SyncResponse, Refusal, ServerReport,
-              StatusResponse, HealthResponse, ErrorResponse, ErrorBody)
+    models: tuple[type[BaseModel], ...] = (
+        Descriptor, Signature, *MESSAGES, SyncRequest, SyncResponse, Refusal, ServerReport,
+        StatusResponse, HealthResponse, ErrorResponse, ErrorBody)
     _, document = models_json_schema([(m, "validation") for m in models])
     defs: dict[str, Any] = document["$defs"]
     return {m.__name__: defs[m.__name__] for m in models}
