@@ -530,7 +530,7 @@ class Engine:
         else:
             graph = self.graph
             start = graph.sort_key(add[0])
-            if any(graph.get(r).is_barrier for r in add):
+            if not set(graph.barriers()).isdisjoint(add):  # few barriers; many may be added
                 return self._reordered(add, start)
             if not self.applied or (graph.in_open_segment(add[0])
                                       and (start[1], start[2]) > self.clock.last):

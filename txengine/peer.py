@@ -378,12 +378,13 @@ class Peer:
         if steps is None:
             steps = self.plan(action, target)
         self._engine.run(steps, action, progress)
-        undone = {s.revision for s in steps if s.action in ("undo", "unstamp")}
+        undone = [s.revision for s in steps if s.action in ("undo", "unstamp")]
         done = [s.revision for s in steps if s.action in ("apply", "stamp")]
-        redone = undone.intersection(done)
-        return OperationResult(action, [r for r in done if r not in redone],
-                               [s.revision for s in steps if s.action in ("undo", "unstamp")
-                                and s.revision not in redone])
+        redone = set(undone).intersection(done) if undone and done else set()
+        if redone:
+            done = [r for r in done if r not in redone]
+            undone = [r for r in undone if r not in redone]
+        return OperationResult(action, done, undone)
 
     def upgrade(self, target: str = "heads", progress: ProgressCallback | None = None
                 ) -> OperationResult:
