@@ -295,11 +295,13 @@ def test_a_big_graph_is_frozen_out_of_the_cyclic_collectors_sight(tmp_path, monk
     monkeypatch.setattr(engine, "_FREEZE_AT", 5)
     gc.unfreeze()
     try:
-        with Peer.open(store, peer_id="a"):
+        with Peer.open(store, peer_id="a") as peer:
+            peer.heads()  # the graph loads on first use
             assert gc.get_freeze_count() > 0
         monkeypatch.setattr(engine, "_FREEZE_AT", 6)
         gc.unfreeze()
-        with Peer.open(store, peer_id="a"):
+        with Peer.open(store, peer_id="a") as peer:
+            peer.heads()
             assert gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
@@ -378,3 +380,33 @@ def test_bulk_reads_by_rowid_survive_a_stale_rowid_hint(tmp_path, monkeypatch) -
         assert all(rows[i].id == i and rows[i].kind == "data" for i in ids)
         assert led._rowid_index()[first] == rows[first].rowid  # read by id: the hint is mended
         assert led.rows([second, first], "kind").keys() == {first, second}
+
+
+def test_a_peer_loads_its_graph_on_first_use_and_a_clone_never_loads_its_sources(
+        tmp_path, monkeypatch) -> None:
+    """Opening a peer reads no descriptor until something needs the graph; a one-pass
+    clone reads its source's rows and never loads the source's graph."""
+    from txengine import engine
+
+    loads: list[str] = []
+    original = engine.Engine.load
+
+    def counted(self) -> None:
+        loads.append(self.origin)
+        original(self)
+
+    monkeypatch.setattr(engine.Engine, "load", counted)
+    source = str(tmp_path / "source.db")
+    with Peer.open(source, peer_id="src") as peer:
+        for n in range(3):
+            write(peer, f"w{n}", lambda tx, n=n: tx.insert("items", {"_id": n}))
+        loads.clear()
+    with Peer.open(source) as peer:
+        assert loads == []
+        assert peer.get("items", 1) == {"_id": 1}
+        assert len(peer.heads()) == 1 and loads == ["src:0"]
+    loads.clear()
+    with Peer.clone(source, str(tmp_path / "copy.db"), "copy") as copy:
+        assert loads == ["copy:0"]
+        with Peer.open(source) as peer:
+            assert copy.snapshot() == peer.snapshot()

@@ -22,13 +22,23 @@ from typing import TYPE_CHECKING, Any
 from .engine import Engine, Progress, ProgressCallback, paused_gc
 from .exceptions import IntegrityError, InvalidInput, RevisionError, UntrustedScript
 from .intake import check_items, check_new
-from .ledger import DESCRIPTOR_COLUMNS, descriptor_from_row, payload_of
+from .ledger import (
+    APPLIED,
+    CONFLICTED,
+    DESCRIPTOR_COLUMNS,
+    FETCHED,
+    descriptor_from_row,
+    payload_of,
+)
 from .sync import Side
 from .transport import bundle
+from .values import loads
 
 if TYPE_CHECKING:
     from .peer import Peer
 
+_HELD = frozenset({FETCHED, APPLIED, CONFLICTED})
+"""The ledger states of the revisions in a peer's graph: those a clone takes."""
 _SYNC_BATCH = 2000
 """Revisions a clone through sync's messages moves a batch, by default. A one-pass clone
 commits the new store's ``bulk_batch`` at a time, as a bulk upgrade does."""
@@ -57,7 +67,6 @@ def clone(peer_class: type[Peer], source: str | Any, store: str | Any,
 
                 bootstrap_from(origin, new, partition, progress)
                 since = Side(new).vector()
-            sender = Side(origin, batch_size or _SYNC_BATCH)
             ids = None if from_checkpoint else replayable(origin, partition)
             done = False
             if ids is not None:
@@ -68,13 +77,12 @@ def clone(peer_class: type[Peer], source: str | Any, store: str | Any,
                 except (InvalidInput, IntegrityError, RevisionError, UntrustedScript):
                     since = Side(new).vector()  # a bad revision: sync refuses it alone
             if not done:
+                sender = Side(origin, batch_size or _SYNC_BATCH)
                 header, messages = bundle.outgoing(sender, since, partition)
                 new._take_lease()  # after reading the source, which can take long
                 bundle.apply(Side(new, batch_size or _SYNC_BATCH), header, messages,
                              str(source), progress)
-            ack = Side(new).vector()
-            ack["type"] = "ack"
-            sender.handle([ack])
+            origin._take_ack(Side(new).vector()["vectors"])  # the source learns what was sent
     except BaseException:
         new.close()
         raise
@@ -82,15 +90,28 @@ def clone(peer_class: type[Peer], source: str | Any, store: str | Any,
 
 
 def replayable(source: Peer, partition: str | None) -> list[str] | None:
-    """Return the ids a clone takes from ``source`` in canonical order, or None when any of
-    them is not a data revision (the general path, through sync, must run)."""
-    engine = source._engine
-    graph, held = engine.graph, engine.held
-    ids = [r for p in sorted(held.partitions()) if partition in (None, p)
-           for r in held.after(p, {}) if r in graph]
-    if any(graph.get(r).kind != "data" for r in ids):
+    """Return the ids a clone takes from ``source`` in canonical order, or None when the
+    general path, through sync, must run: the source holds a revision that is not data
+    (a barrier cuts the order into segments), or it started from a checkpoint.
+
+    Read from the ledger's rows, not the source's graph, which a one-pass clone
+    never loads: without barriers the canonical order is (hlc, origin, id).
+    """
+    ledger = source._ledger
+    if loads(ledger.get_state("bases") or "{}"):
+        source._store.rollback()
         return None
-    return graph.canonical_order(ids)
+    held = []
+    for (rev_id, part, kind, origin, ms, counter, *_rest, state) in ledger.nodes():
+        if state in _HELD:
+            if kind != "data":
+                source._store.rollback()
+                return None
+            if partition in (None, part):
+                held.append((ms, counter, origin, rev_id))
+    source._store.rollback()
+    held.sort()
+    return [rev_id for *_key, rev_id in held]
 
 
 def replay(source: Peer, target: Peer, ids: list[str], batch_size: int,

@@ -92,9 +92,8 @@ class Peer:
             epoch = int(self._ledger.get_state("epoch") or 0)
             self.origin = f"{self.peer_id}:{epoch}"
             self.script_location = Path(script_location) if script_location else None
-            self._engine = Engine(self._store, self._ledger, self.origin,
-                                  scripts=self._run_script,
-                                  batch_size=batch_size or self._store.bulk_batch)
+            self._batch_size = batch_size or self._store.bulk_batch
+            self._loaded: Engine | None = None
             self._script_paths: dict[str, Path] = {}
             self._authored: dict[str, Any] = {}
             self._pinned: bool | None = None
@@ -114,6 +113,16 @@ class Peer:
         except BaseException:
             self._close_store()
             raise
+
+    @property
+    def _engine(self) -> Engine:
+        """The graph, applied set and counters, loaded from the ledger on first use: a
+        peer opened only to read rows (a clone's source) or documents never pays for
+        loading every descriptor, about 1 s per 100,000 revisions."""
+        if self._loaded is None:
+            self._loaded = Engine(self._store, self._ledger, self.origin,
+                                  scripts=self._run_script, batch_size=self._batch_size)
+        return self._loaded
 
     @classmethod
     def open(cls, store: str | sa.Engine | Any, peer_id: str | None = None, *,
@@ -947,6 +956,11 @@ class Peer:
     def _integrate(self) -> list[Step]:
         self._take_lease()
         return self._engine.integrate()
+
+    def _take_ack(self, vectors: dict[str, dict[str, int]]) -> None:
+        """Record how far another peer holds this peer's own revisions, by its vectors."""
+        for partition, vector in vectors.items():
+            self._mark_sent(partition, int(vector.get(self.origin, 0)))
 
     def _mark_sent(self, partition: str, seq: int) -> None:
         name = f"sent:{self.origin}:{partition}"

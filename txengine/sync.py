@@ -529,9 +529,7 @@ class Side:
         return refused
 
     def _on_ack(self, message: Message) -> None:
-        origin = self.engine.origin
-        for partition, vector in message.get("vectors", {}).items():
-            self.peer._mark_sent(partition, int(vector.get(origin, 0)))
+        self.peer._take_ack(message.get("vectors", {}))
 
     # -- integration -----------------------------------------------------------------
     def finish(self) -> None:
