@@ -155,16 +155,16 @@ def test_a_clone_longer_than_the_lease_keeps_it(tmp_path: Path, monkeypatch, one
             source.trust_sequencer("source")
             source.checkpoint()
         expected = source.snapshot()
-    begin_arrived = Engine.begin_arrived  # each batch of either path applies through it
+    begin_batch = Engine._begin_batch  # each batch of either path applies through it
     batches = []
 
     def slow(self, *args, **kwargs):
         batches.append(1)
         time.sleep(0.3)
-        return begin_arrived(self, *args, **kwargs)
+        return begin_batch(self, *args, **kwargs)
 
     short_lease(monkeypatch, 1.0)
-    monkeypatch.setattr(Engine, "begin_arrived", slow)
+    monkeypatch.setattr(Engine, "_begin_batch", slow)
     with Peer.clone(source_url, target, "copy", batch_size=4) as copy:  # 6 batches, ~2 s
         assert copy.snapshot() == expected
     assert len(batches) >= 6, "every batch took the slow step"
@@ -181,22 +181,21 @@ def test_an_intake_step_that_outlasts_the_lease_takes_it_again(tmp_path: Path, m
     with Peer.open(source_url, peer_id="source") as source:
         fill(source, 8)
         expected = source.snapshot()
-    begin_arrived = Engine.begin_arrived
+    begin_copied = Engine.begin_copied
     slept = []
 
     def slow(self, *args, **kwargs):
-        finish = begin_arrived(self, *args, **kwargs)
+        finish = begin_copied(self, *args, **kwargs)
 
         def finish_then_sleep():
-            entries = finish()
+            finish()
             slept.append(1)
             time.sleep(0.6)  # after the batch committed: the lease runs out before the next
-            return entries
 
         return finish_then_sleep
 
     short_lease(monkeypatch, 0.5)
-    monkeypatch.setattr(Engine, "begin_arrived", slow)
+    monkeypatch.setattr(Engine, "begin_copied", slow)
     with Peer.clone(source_url, target, "copy", batch_size=4) as copy:
         assert copy.snapshot() == expected
     assert len(slept) == 2

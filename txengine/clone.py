@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .engine import Engine, Progress, ProgressCallback, paused_gc
 from .exceptions import IntegrityError, InvalidInput, RevisionError, UntrustedScript
-from .intake import check_items, check_new
+from .intake import check_follows, check_items
 from .ledger import (
     APPLIED,
     CONFLICTED,
@@ -33,6 +33,7 @@ from .ledger import (
 from .sync import Side
 from .transport import bundle
 from .values import loads
+from .vector import SeqIndex, Vector
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -68,21 +69,22 @@ def clone(peer_class: type[Peer], source: str | Any, store: str | Any,
                 bootstrap_from(origin, new, partition, progress)
                 since = Side(new).vector()
             ids = None if from_checkpoint else replayable(origin, partition)
-            done = False
+            taken = None
             if ids is not None:
                 new._take_lease()
                 try:
-                    replay(origin, new, ids, batch_size or new._store.bulk_batch, progress)
-                    done = True
+                    taken = replay(origin, new, ids, batch_size or new._store.bulk_batch,
+                                   progress)
                 except (InvalidInput, IntegrityError, RevisionError, UntrustedScript):
                     since = Side(new).vector()  # a bad revision: sync refuses it alone
-            if not done:
+            if taken is None:
                 sender = Side(origin, batch_size or _SYNC_BATCH)
                 header, messages = bundle.outgoing(sender, since, partition)
                 new._take_lease()  # after reading the source, which can take long
                 bundle.apply(Side(new, batch_size or _SYNC_BATCH), header, messages,
                              str(source), progress)
-            origin._take_ack(Side(new).vector()["vectors"])  # the source learns what was sent
+                taken = Side(new).vector()["vectors"]
+            origin._take_ack(taken)  # the source learns what was sent
     except BaseException:
         new.close()
         raise
@@ -115,53 +117,55 @@ def replayable(source: Peer, partition: str | None) -> list[str] | None:
 
 
 def replay(source: Peer, target: Peer, ids: list[str], batch_size: int,
-           progress: ProgressCallback | None = None) -> int:
+           progress: ProgressCallback | None = None) -> dict[str, Vector]:
     """Replay ``ids`` (from :func:`replayable`) from ``source`` into the empty ``target``.
 
     Each batch is checked whole and committed whole: bad input refuses its
     batch with the intake's one-line error, and what earlier batches
     committed is a consistent prefix a plain ``sync`` completes. Returns the
-    number of revisions taken.
+    vectors (by partition) of what it took, which the source takes as an
+    acknowledgement. The target loads its graph from the ledger on its next
+    use, as if just opened.
     """
-    engine = target._engine
     trust = target._trust()
     total = len(ids)
     if progress is not None:
         progress(Progress("fetch", 0, total))
-    with paused_gc():
-        _replay(source, engine, ids, batch_size, trust, progress)
-    engine.freeze()
-    engine.integrate()  # what could not be applied as it arrived (none on an empty peer)
+    held = SeqIndex()
+    try:
+        with paused_gc():
+            _replay(source, target._engine, ids, batch_size, trust, held, progress)
+    finally:
+        target._unload()
     if progress is not None:
         progress(Progress("fetch", total, total))
-    return total
+    return {partition: held.vector(partition) for partition in held.partitions()}
 
 
 def _replay(source: Peer, engine: Engine, ids: list[str], batch_size: int, trust: Any,
-            progress: ProgressCallback | None) -> None:
-    """Each batch is read from the source and checked item by item while the batch before
-    it commits (:meth:`Engine.begin_arrived`); the checks against what the new peer holds
-    run after that commit."""
+            held: SeqIndex, progress: ProgressCallback | None) -> None:
+    """Each batch is read from the source and checked while the batch before it commits
+    (:meth:`Engine.begin_copied`)."""
     total = len(ids)
+    coming = set(ids)
+    seen: dict[str, tuple[int, int]] = {}
     finish: Callable[[], Any] | None = None
     try:
         for start in range(0, total, batch_size):
             chunk = ids[start:start + batch_size]
             rows = source._ledger.rows(chunk, *DESCRIPTOR_COLUMNS, "payload")
             source._store.rollback()
-            batch = check_items([(descriptor_from_row(rows[r]), payload_of(rows[r]))
-                                 for r in chunk], trust is not None)
+            batch = check_follows(
+                check_items([(descriptor_from_row(rows[r]), payload_of(rows[r]))
+                             for r in chunk], trust is not None), seen, held, coming, trust)
             if finish is not None:
                 waiting, finish = finish, None
                 waiting()
                 if progress is not None:
                     progress(Progress("fetch", start, total))
             engine.ledger.keep_lease()  # a long clone outlasts it
-            new = check_new(engine, batch, trust=trust)
-            if new:
-                finish = engine.begin_arrived(new, recorded=False)
-                if finish is None:
-                    engine.record_fetched(new)
+            if batch:
+                finish = engine.begin_copied(batch)
         if finish is not None:
             waiting, finish = finish, None
             waiting()

@@ -936,6 +936,49 @@ class Engine:
         started = time.perf_counter()
         self.ledger.check_lease()
         self.add_fetched(revs)
+
+        def record(entries: list[Applied], statements: list[Any]) -> None:
+            if recorded:
+                self.ledger.fill_applied(revs, entries)
+            else:
+                self.ledger.insert_many([(r, e.state, e) for r, e in
+                                         zip(revs, entries, strict=True)], statements)
+
+        entries, wait = self._begin_batch(revs, record, started)
+
+        def finish() -> list[Applied]:
+            self._wait(wait)
+            self.conflicted.update(e.id for e in entries if e.state == CONFLICTED)
+            self._mark_applied_many({e.id: e.position for e in entries})
+            self.next_position += len(entries)
+            return entries
+
+        return finish
+
+    def begin_copied(self, revs: Sequence[Revision]) -> Callable[[], None]:
+        """Apply and record data revisions that a clone copies, in canonical order, into
+        this empty peer; start the commit and return the call that waits for it.
+
+        As :meth:`begin_arrived` on its fast path, but nothing is taken into
+        memory: the peer loads its graph from the ledger when it is next used
+        (``Peer._unload``), which a clone that only writes never pays for.
+        """
+        started = time.perf_counter()
+        self.ledger.check_lease()
+
+        def record(entries: list[Applied], statements: list[Any]) -> None:
+            self.ledger.insert_many([(r, e.state, e) for r, e in
+                                     zip(revs, entries, strict=True)], statements)
+
+        entries, wait = self._begin_batch(revs, record, started)
+        self.next_position += len(entries)
+        return lambda: self._wait(wait)
+
+    def _begin_batch(self, revs: Sequence[Revision],
+                     record: Callable[[list[Applied], list[Any]], None], started: float
+                     ) -> tuple[list[Applied], Callable[[], None]]:
+        """Apply ``revs`` in memory from ``next_position`` on, write their documents, their
+        ledger rows (``record``) and one audit row, and start the commit."""
         statements: list[Any] = []
         try:
             with paused_gc():
@@ -944,42 +987,34 @@ class Engine:
                 work.preload(k for keys in keys_of for k in keys)
                 entries: list[Applied] = []
                 audit: list[tuple[str, str | None, str, float, dict[str, Any]]] = []
+                position = self.next_position
                 for i, (rev, keys) in enumerate(zip(revs, keys_of, strict=True)):
                     entry, conflicts = self._apply_data(work, rev.id, rev.partition, rev.ops,
-                                                        self.next_position + i, keys)
+                                                        position + i, keys)
                     entries.append(entry)
                     if conflicts:
                         audit += [("conflict", rev.id, "conflict", 0.0, c) for c in conflicts]
                 work.flush(statements)
-                if recorded:
-                    self.ledger.fill_applied(revs, entries)
-                else:
-                    self.ledger.insert_many([(r, e.state, e) for r, e in
-                                             zip(revs, entries, strict=True)], statements)
+                record(entries, statements)
                 steps = [Step("apply", r.id) for r in revs]
                 audit.append(("integrate", None, "ok", _ms(started), {
                     "count": len(revs), "first": revs[0].id, "last": revs[-1].id,
                     "arrived": True, "steps": encode_steps(steps)}))
                 self.ledger.audit_many(audit)
-                wait = self.store.commit_in_background(statements)
+                return entries, self.store.commit_in_background(statements)
         except BaseException:
             self.store.rollback()
             self.load()
             raise
 
-        def finish() -> list[Applied]:
-            try:
-                wait()
-            except BaseException:
-                self.store.rollback()
-                self.load()
-                raise
-            self.conflicted.update(e.id for e in entries if e.state == CONFLICTED)
-            self._mark_applied_many({e.id: e.position for e in entries})
-            self.next_position += len(entries)
-            return entries
-
-        return finish
+    def _wait(self, wait: Callable[[], None]) -> None:
+        """Wait for a commit :meth:`_begin_batch` started; on failure, roll back and reload."""
+        try:
+            wait()
+        except BaseException:
+            self.store.rollback()
+            self.load()
+            raise
 
     # -- queries ---------------------------------------------------------------
     def is_integrated(self, rev_id: str) -> bool:

@@ -124,6 +124,11 @@ class Peer:
                                   scripts=self._run_script, batch_size=self._batch_size)
         return self._loaded
 
+    def _unload(self) -> None:
+        """Drop the in-memory graph: the next use loads it from the ledger again (after a
+        clone wrote the ledger without it)."""
+        self._loaded = None
+
     @classmethod
     def open(cls, store: str | sa.Engine | Any, peer_id: str | None = None, *,
              script_location: str | Path | None = None, batch_size: int | None = None,
