@@ -91,32 +91,29 @@ def clone(peer_class: type[Peer], source: str | Any, store: str | Any,
     return new
 
 
-def replayable(source: Peer, partition: str | None) -> list[str] | None:
-    """Return the ids a clone takes from ``source`` in canonical order, or None when the
-    general path, through sync, must run: the source holds a revision that is not data
-    (a barrier cuts the order into segments), or it started from a checkpoint.
+def replayable(source: Peer, partition: str | None) -> list[tuple[str, Any]] | None:
+    """Return (id, address) of the revisions a clone takes from ``source``, in canonical
+    order, or None when the general path, through sync, must run: the source holds a
+    revision that is not data (a barrier cuts the order into segments), or it started
+    from a checkpoint.
 
-    Read from the ledger's rows, not the source's graph, which a one-pass clone
-    never loads: without barriers the canonical order is (hlc, origin, id).
+    Read from the ledger's rows (:meth:`Ledger.ordered`), not the source's graph, which
+    a one-pass clone never loads: without barriers the canonical order is (hlc, origin, id).
     """
     ledger = source._ledger
-    if loads(ledger.get_state("bases") or "{}"):
+    try:
+        if loads(ledger.get_state("bases") or "{}"):
+            return None
+        held = ledger.ordered(_HELD)
+    finally:
         source._store.rollback()
+    if any(kind != "data" for *_key, kind, _at in held):
         return None
-    held = []
-    for (rev_id, part, kind, origin, ms, counter, *_rest, state) in ledger.nodes():
-        if state in _HELD:
-            if kind != "data":
-                source._store.rollback()
-                return None
-            if partition in (None, part):
-                held.append((ms, counter, origin, rev_id))
-    source._store.rollback()
-    held.sort()
-    return [rev_id for *_key, rev_id in held]
+    return [(rev_id, at) for _ms, _c, _origin, rev_id, part, _kind, at in held
+            if partition in (None, part)]
 
 
-def replay(source: Peer, target: Peer, ids: list[str], batch_size: int,
+def replay(source: Peer, target: Peer, ids: list[tuple[str, Any]], batch_size: int,
            progress: ProgressCallback | None = None) -> dict[str, Vector]:
     """Replay ``ids`` (from :func:`replayable`) from ``source`` into the empty ``target``.
 
@@ -142,22 +139,26 @@ def replay(source: Peer, target: Peer, ids: list[str], batch_size: int,
     return {partition: held.vector(partition) for partition in held.partitions()}
 
 
-def _replay(source: Peer, engine: Engine, ids: list[str], batch_size: int, trust: Any,
-            held: SeqIndex, progress: ProgressCallback | None) -> None:
+def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size: int,
+            trust: Any, held: SeqIndex, progress: ProgressCallback | None) -> None:
     """Each batch is read from the source and checked while the batch before it commits
     (:meth:`Engine.begin_copied`)."""
     total = len(ids)
-    coming = set(ids)
+    coming = {rev_id for rev_id, _at in ids}
     seen: dict[str, tuple[int, int]] = {}
     finish: Callable[[], Any] | None = None
     try:
         for start in range(0, total, batch_size):
             chunk = ids[start:start + batch_size]
-            rows = source._ledger.rows(chunk, *DESCRIPTOR_COLUMNS, "payload")
+            rows = source._ledger.rows_at([at for _id, at in chunk], *DESCRIPTOR_COLUMNS,
+                                          "payload")
             source._store.rollback()
+            if [row.id for row in rows] != [rev_id for rev_id, _at in chunk]:
+                raise InvalidInput("the source's revisions changed during the clone (one left"
+                                   " or moved): the rest comes through sync")
             batch = check_follows(
-                check_items([(descriptor_from_row(rows[r]), payload_of(rows[r]))
-                             for r in chunk], trust is not None), seen, held, coming, trust)
+                check_items([(descriptor_from_row(r), payload_of(r)) for r in rows],
+                            trust is not None), seen, held, coming, trust)
             if finish is not None:
                 waiting, finish = finish, None
                 waiting()
@@ -174,3 +175,4 @@ def _replay(source: Peer, engine: Engine, ids: list[str], batch_size: int, trust
             with contextlib.suppress(BaseException):
                 finish()  # what was checked before the failure stays committed
         raise
+

@@ -197,6 +197,8 @@ class Engine:
 
     def _load(self) -> None:
         self.ledger.observe_lease()
+        self._copied: _Work | None = None
+        """The document states a copy (:meth:`begin_copied`) has written so far."""
         # Read first: whatever commits after it is taken again by the next refresh.
         self._audit_seen: int | None = (self.ledger.audit_seq()
                                         if hasattr(self.ledger, "audit_since") else None)
@@ -944,7 +946,7 @@ class Engine:
                 self.ledger.insert_many([(r, e.state, e) for r, e in
                                          zip(revs, entries, strict=True)], statements)
 
-        entries, wait = self._begin_batch(revs, record, started)
+        entries, wait = self._begin_batch(revs, record, started, _Work(self.store))
 
         def finish() -> list[Applied]:
             self._wait(wait)
@@ -961,28 +963,31 @@ class Engine:
 
         As :meth:`begin_arrived` on its fast path, but nothing is taken into
         memory: the peer loads its graph from the ledger when it is next used
-        (``Peer._unload``), which a clone that only writes never pays for.
+        (``Peer._unload``), which a clone that only writes never pays for. The
+        document states stay in memory from one batch to the next, as through
+        one upgrade: each batch reads only the keys no batch before it wrote.
         """
         started = time.perf_counter()
         self.ledger.check_lease()
+        if self._copied is None:
+            self._copied = _Work(self.store)
 
         def record(entries: list[Applied], statements: list[Any]) -> None:
             self.ledger.insert_many([(r, e.state, e) for r, e in
                                      zip(revs, entries, strict=True)], statements)
 
-        entries, wait = self._begin_batch(revs, record, started)
+        entries, wait = self._begin_batch(revs, record, started, self._copied)
         self.next_position += len(entries)
         return lambda: self._wait(wait)
 
     def _begin_batch(self, revs: Sequence[Revision],
-                     record: Callable[[list[Applied], list[Any]], None], started: float
-                     ) -> tuple[list[Applied], Callable[[], None]]:
+                     record: Callable[[list[Applied], list[Any]], None], started: float,
+                     work: _Work) -> tuple[list[Applied], Callable[[], None]]:
         """Apply ``revs`` in memory from ``next_position`` on, write their documents, their
         ledger rows (``record``) and one audit row, and start the commit."""
         statements: list[Any] = []
         try:
             with paused_gc():
-                work = _Work(self.store)
                 keys_of = [[(r.partition, *write_key(op)) for op in r.ops] for r in revs]
                 work.preload(k for keys in keys_of for k in keys)
                 entries: list[Applied] = []

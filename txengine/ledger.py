@@ -16,7 +16,7 @@ import getpass
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,21 +174,31 @@ def descriptor_from_row(row: Any) -> dict[str, Any]:
     d = {
         "id": row.id,
         "partition": row.partition,
-        "parents": loads(row.parents),
-        "depends_on": loads(row.depends_on),
+        "parents": _list(row.parents),
+        "depends_on": _list(row.depends_on),
         "origin": row.origin,
         "seq": row.seq,
         "hlc": [row.hlc_ms, row.hlc_c],
         "message": row.message,
         "kind": row.kind,
         "checksum": row.checksum,
-        "collections": loads(row.collections),
-        "branch_labels": loads(row.branch_labels),
+        "collections": _list(row.collections),
+        "branch_labels": _list(row.branch_labels),
         "digest": row.digest,
     }
     if row.signature:
         d["signature"] = loads(row.signature)
     return d
+
+
+def _list(text: str) -> Any:
+    """Decode a stored JSON list: most are empty."""
+    return [] if text == "[]" else loads(text)
+
+
+def _list_text(value: list[Any]) -> str:
+    """Encode a descriptor list for its column: most are empty."""
+    return "[]" if not value else _dumps(value)
 
 
 def write_rows(revs: Iterable[Revision]) -> list[tuple[str, str, str, int, str]]:
@@ -301,8 +311,9 @@ class Ledger(LeaseHolder):
             d = rev.descriptor
             params.append((
                 d["id"], d["partition"], d["kind"], d["origin"], d["seq"], d["hlc"][0],
-                d["hlc"][1], _dumps(d["parents"]), _dumps(d["depends_on"]), d["message"],
-                d["checksum"], _dumps(d["collections"]), _dumps(d["branch_labels"]),
+                d["hlc"][1], _list_text(d["parents"]), _list_text(d["depends_on"]),
+                d["message"], d["checksum"], _list_text(d["collections"]),
+                _list_text(d["branch_labels"]),
                 d["digest"], signature_text(d), rev.payload,
                 applied.state if applied else st,
                 applied.position if applied else None,
@@ -444,6 +455,34 @@ class Ledger(LeaseHolder):
         cur = raw_cursor(self.conn)
         cur.execute(f"SELECT id, {', '.join(NODE_COLUMNS)} FROM txengine_revisions")
         return cur.fetchall()
+
+    def ordered(self, states: Collection[str]) -> list[tuple[Any, ...]]:
+        """Return (hlc_ms, hlc_c, origin, id, partition, kind, at) of the revisions in
+        ``states``, sorted: the canonical order of a history without barriers.
+
+        ``at`` is what :meth:`rows_at` reads the row by: its rowid on SQLite (the
+        ids are digests, hit at random), else its id. A clone's read plan: a
+        light scan, then each batch by address, in order.
+        """
+        cur = raw_cursor(self.conn)
+        at = "rowid" if self._sqlite else "id"
+        ph = ", ".join([placeholder(self.conn)] * len(states))
+        cur.execute(f"SELECT hlc_ms, hlc_c, origin, id, partition, kind, {at}"
+                    f" FROM txengine_revisions WHERE state IN ({ph})", list(states))
+        found = cur.fetchall()
+        found.sort()
+        return found
+
+    def rows_at(self, at: Sequence[Any], *columns: str) -> list[Any]:
+        """Return the rows at the addresses ``at`` (from :meth:`ordered`), in that order,
+        with ``id`` and ``columns`` (attribute access); a row gone since is left out."""
+        if not self._sqlite:
+            found = self.rows(at, *columns)
+            return [found[i] for i in at if i in found]
+        make = _row_type(("id", *columns, "rowid"))._make
+        head = f"SELECT {', '.join(('id', *columns, 'rowid'))} FROM txengine_revisions WHERE rowid IN ("
+        by_rowid = {row[-1]: row for row in map(make, self._select_in(raw_cursor(self.conn), head, at))}
+        return [by_rowid[r] for r in at if r in by_rowid]
 
     def row(self, rev_id: str) -> Any | None:
         """Return the full ledger row of one revision."""

@@ -267,6 +267,9 @@ def from_ejson(value: Any) -> Any:
 
 def check_key(key: Any) -> Any:
     """Return ``key`` as Extended JSON after checking it is a str, int or ObjectId."""
+    kind = type(key)
+    if kind is str or (kind is int and -MAX_SAFE_INT <= key <= MAX_SAFE_INT):
+        return key  # the common case, as it is
     if isinstance(key, bool) or not isinstance(key, (str, int, ObjectId, dict)):
         raise InvalidKey(key)
     if isinstance(key, dict):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 from pymongo import ASCENDING
@@ -203,6 +203,17 @@ class MongoLedger(LeaseHolder):
     def nodes(self) -> list[tuple[Any, ...]]:
         projection = {_field(n): 1 for n in _NODE_COLUMNS}
         return [_values(doc, _NODE_COLUMNS) for doc in self.db[REVISIONS].find({}, projection)]
+
+    def ordered(self, states: Collection[str]) -> list[tuple[Any, ...]]:
+        names = ("hlc_ms", "hlc_c", "origin", "id", "partition", "kind")
+        found = [(*_values(doc, names), doc["_id"]) for doc in self.db[REVISIONS].find(
+            {_field("state"): {"$in": list(states)}}, {_field(n): 1 for n in names})]
+        found.sort()
+        return found
+
+    def rows_at(self, at: Sequence[Any], *columns: str) -> list[Any]:
+        found = self.rows(at, *columns)
+        return [found[i] for i in at if i in found]
 
     def row(self, rev_id: str) -> Any | None:
         doc = self.db[REVISIONS].find_one({"_id": rev_id})
