@@ -479,9 +479,10 @@ class Ledger(LeaseHolder):
         if not self._sqlite:
             found = self.rows(at, *columns)
             return [found[i] for i in at if i in found]
-        make = _row_type(("id", *columns, "rowid"))._make
-        head = f"SELECT {', '.join(('id', *columns, 'rowid'))} FROM txengine_revisions WHERE rowid IN ("
-        by_rowid = {row[-1]: row for row in map(make, self._select_in(raw_cursor(self.conn), head, at))}
+        names = ("id", *columns, "rowid")
+        head = f"SELECT {', '.join(names)} FROM txengine_revisions WHERE rowid IN ("
+        found = self._select_in(raw_cursor(self.conn), head, at)
+        by_rowid = {row[-1]: row for row in map(_row_type(names)._make, found)}
         return [by_rowid[r] for r in at if r in by_rowid]
 
     def row(self, rev_id: str) -> Any | None:
