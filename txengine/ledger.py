@@ -481,8 +481,8 @@ class Ledger(LeaseHolder):
             return [found[i] for i in at if i in found]
         names = ("id", *columns, "rowid")
         head = f"SELECT {', '.join(names)} FROM txengine_revisions WHERE rowid IN ("
-        found = self._select_in(raw_cursor(self.conn), head, at)
-        by_rowid = {row[-1]: row for row in map(_row_type(names)._make, found)}
+        selected = self._select_in(raw_cursor(self.conn), head, at)
+        by_rowid = {row[-1]: row for row in map(_row_type(names)._make, selected)}
         return [by_rowid[r] for r in at if r in by_rowid]
 
     def row(self, rev_id: str) -> Any | None:

@@ -219,9 +219,9 @@ def op_from_json(data: Any) -> Op:
     if type(data) is not dict:
         raise MalformedPayload(f"an op must be a JSON object, got {data!r}")
     name = data.get("op")
-    fields = _OP_FIELDS.get(name)  # type: ignore[arg-type]
-    if fields is None:
+    if type(name) is not str or name not in _OP_FIELDS:
         raise UnknownOp(name)
+    fields = _OP_FIELDS[name]
     if not fields.issuperset(data):
         raise MalformedPayload(f"{name} op has unknown fields {sorted(set(data) - fields)}")
     collection = check_collection(data.get("collection"))
