@@ -61,6 +61,22 @@ def test_clone_gives_equal_data_heads_and_a_clean_replay(store_url: str, new_sto
     assert all(p.done < p.total for p in seen[:-1])
 
 
+@pytest.mark.parametrize("direction", ["into MongoDB", "from MongoDB"])
+def test_a_clone_crosses_store_kinds(tmp_path: Path, direction: str) -> None:
+    """A one-pass clone between a SQL store and a MongoDB one (mongomock here): the SQL
+    ledger's bulk writes and the MongoDB ledger's staged ones both take it."""
+    sqlite = str(tmp_path / "peer.db")
+    mongo = f"mongomock://localhost/clone_{tmp_path.name}"
+    source_url, target = (sqlite, mongo) if direction == "into MongoDB" else (mongo, sqlite)
+    with Peer.open(source_url, peer_id="source") as source:
+        fill(source, 40, ("default", "user:1"))
+        with Peer.clone(source_url, target, "copy") as copy:
+            assert copy.snapshot() == source.snapshot()
+            assert heads(copy) == heads(source)
+            assert copy.verify(replay=True).ok
+        assert source.status().unsent == 0
+
+
 def test_clone_of_one_partition_takes_only_that_partition(store_url: str, new_store) -> None:
     with Peer.open(store_url, peer_id="source") as source:
         fill(source, 40, ("default", "user:1"))

@@ -939,12 +939,13 @@ class Engine:
         self.ledger.check_lease()
         self.add_fetched(revs)
 
-        def record(entries: list[Applied], statements: list[Any]) -> None:
+        def record(entries: list[Applied], keys_of: list[list[Key]], statements: list[Any]
+                   ) -> None:
             if recorded:
                 self.ledger.fill_applied(revs, entries)
             else:
                 self.ledger.insert_many([(r, e.state, e) for r, e in
-                                         zip(revs, entries, strict=True)], statements)
+                                         zip(revs, entries, strict=True)], statements, keys_of)
 
         entries, wait = self._begin_batch(revs, record, started, _Work(self.store))
 
@@ -972,19 +973,22 @@ class Engine:
         if self._copied is None:
             self._copied = _Work(self.store)
 
-        def record(entries: list[Applied], statements: list[Any]) -> None:
+        def record(entries: list[Applied], keys_of: list[list[Key]], statements: list[Any]
+                   ) -> None:
             self.ledger.insert_many([(r, e.state, e) for r, e in
-                                     zip(revs, entries, strict=True)], statements)
+                                     zip(revs, entries, strict=True)], statements, keys_of)
 
         entries, wait = self._begin_batch(revs, record, started, self._copied)
         self.next_position += len(entries)
         return lambda: self._wait(wait)
 
     def _begin_batch(self, revs: Sequence[Revision],
-                     record: Callable[[list[Applied], list[Any]], None], started: float,
+                     record: Callable[[list[Applied], list[list[Key]], list[Any]], None],
+                     started: float,
                      work: _Work) -> tuple[list[Applied], Callable[[], None]]:
         """Apply ``revs`` in memory from ``next_position`` on, write their documents, their
-        ledger rows (``record``) and one audit row, and start the commit."""
+        ledger rows (``record``, given each revision's keys) and one audit row, and start
+        the commit."""
         statements: list[Any] = []
         try:
             with paused_gc():
@@ -1000,11 +1004,10 @@ class Engine:
                     if conflicts:
                         audit += [("conflict", rev.id, "conflict", 0.0, c) for c in conflicts]
                 work.flush(statements)
-                record(entries, statements)
-                steps = [Step("apply", r.id) for r in revs]
+                record(entries, keys_of, statements)
                 audit.append(("integrate", None, "ok", _ms(started), {
                     "count": len(revs), "first": revs[0].id, "last": revs[-1].id,
-                    "arrived": True, "steps": encode_steps(steps)}))
+                    "arrived": True, "steps": encode_steps(Step("apply", r.id) for r in revs)}))
                 self.ledger.audit_many(audit)
                 return entries, self.store.commit_in_background(statements)
         except BaseException:
@@ -1039,7 +1042,7 @@ _SIGN = {"apply": "+", "stamp": "*", "undo": "-", "unstamp": "~"}
 _ACTION = {sign: action for action, sign in _SIGN.items()}
 
 
-def encode_steps(steps: Sequence[Step]) -> str:
+def encode_steps(steps: Iterable[Step]) -> str:
     """Encode a batch's steps compactly for its audit row: ``+id`` apply, ``-id`` undo.
 
     One string, not a JSON list: a 5,000-step batch's audit row then costs a

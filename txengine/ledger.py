@@ -303,8 +303,11 @@ class Ledger(LeaseHolder):
         self.insert_many([(rev, state, applied)])
 
     def insert_many(self, rows: Sequence[tuple[Revision, str, Applied | None]],
-                    defer: list[Statement] | None = None) -> None:
-        """Record several revisions; ``defer`` as in :meth:`mark_applied`."""
+                    defer: list[Statement] | None = None,
+                    keys_of: Sequence[Sequence[tuple[str, str, str]]] | None = None) -> None:
+        """Record several revisions; ``defer`` as in :meth:`mark_applied`. ``keys_of``:
+        each revision's (partition, collection, key text) per op, when the caller has
+        them (the engine computes them to apply), for the key index."""
         now = time.time()
         params = []
         for rev, st, applied in rows:
@@ -323,7 +326,11 @@ class Ledger(LeaseHolder):
         if params:
             cur = raw_cursor(self.conn)
             self._insert(cur, "insert", params, defer)
-            self._insert(cur, "writes", write_rows(rev for rev, _st, _a in rows), defer)
+            revs = [rev for rev, _st, _a in rows]
+            self._insert(cur, "writes", write_rows(revs) if keys_of is None else [
+                (part, collection, key, rev.descriptor["hlc"][0], rev.id)
+                for rev, keys in zip(revs, keys_of, strict=True)
+                for part, collection, key in dict.fromkeys(keys)], defer)
 
     def _insert(self, cur: Any, name: str, params: list[tuple[Any, ...]],
                 defer: list[Statement] | None) -> None:

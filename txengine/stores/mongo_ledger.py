@@ -102,7 +102,11 @@ class MongoLedger(LeaseHolder):
     def insert(self, rev: Revision, state: str, applied: Applied | None = None) -> None:
         self.insert_many([(rev, state, applied)])
 
-    def insert_many(self, rows: Sequence[tuple[Revision, str, Applied | None]]) -> None:
+    def insert_many(self, rows: Sequence[tuple[Revision, str, Applied | None]],
+                    defer: list[Any] | None = None,
+                    keys_of: Sequence[Sequence[tuple[str, str, str]]] | None = None) -> None:
+        """As :meth:`Ledger.insert_many`; the writes are staged for the commit either way,
+        and the key index is derived from the ops."""
         now = time.time()
         for rev, st, applied in rows:
             d = rev.descriptor
