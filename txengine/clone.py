@@ -15,7 +15,8 @@ transaction, one INSERT a revision and one audit row a batch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from .ledger import (
 from .sync import Side
 from .transport import bundle
 from .values import loads
-from .vector import SeqIndex, Vector
+from .vector import Vector
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -128,24 +129,25 @@ def replay(source: Peer, target: Peer, ids: list[tuple[str, Any]], batch_size: i
     total = len(ids)
     if progress is not None:
         progress(Progress("fetch", 0, total))
-    held = SeqIndex()
+    slots: dict[tuple[str, str, int], str] = {}
     try:
         with paused_gc():
-            _replay(source, target._engine, ids, batch_size, trust, held, progress)
+            _replay(source, target._engine, ids, batch_size, trust, slots, progress)
     finally:
         target._unload()
     if progress is not None:
         progress(Progress("fetch", total, total))
-    return {partition: held.vector(partition) for partition in held.partitions()}
+    return _vectors(slots)
 
 
 def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size: int,
-            trust: Any, held: SeqIndex, progress: ProgressCallback | None) -> None:
+            trust: Any, slots: dict[tuple[str, str, int], str],
+            progress: ProgressCallback | None) -> None:
     """Each batch is read from the source and checked while the batch before it commits
     (:meth:`Engine.begin_copied`)."""
     total = len(ids)
     coming = {rev_id for rev_id, _at in ids}
-    seen: dict[str, tuple[int, int]] = {}
+    seen: dict[str, list[int]] = {}
     finish: Callable[[], Any] | None = None
     try:
         for start in range(0, total, batch_size):
@@ -158,7 +160,7 @@ def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size
                                    " or moved): the rest comes through sync")
             batch = check_follows(
                 check_items([(descriptor_from_row(r), payload_of(r)) for r in rows],
-                            trust is not None), seen, held, coming, trust)
+                            trust is not None), seen, slots, coming, trust)
             if finish is not None:
                 waiting, finish = finish, None
                 waiting()
@@ -176,3 +178,20 @@ def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size
                 finish()  # what was checked before the failure stays committed
         raise
 
+
+def _vectors(slots: Iterable[tuple[str, str, int]]) -> dict[str, Vector]:
+    """Return the version vectors (per partition, the contiguous top seq of each origin)
+    of the (partition, origin, seq) slots a clone took."""
+    seqs: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for partition, origin, seq in slots:
+        seqs[(partition, origin)].append(seq)
+    vectors: dict[str, Vector] = defaultdict(dict)
+    for (partition, origin), taken in seqs.items():
+        taken.sort()
+        top = 0
+        for seq in taken:
+            if seq != top + 1:
+                break
+            top = seq
+        vectors[partition][origin] = top
+    return dict(vectors)

@@ -30,7 +30,6 @@ from .values import sha256
 if TYPE_CHECKING:
     from .engine import Engine
     from .keys import Trust
-    from .vector import SeqIndex
 
 
 def check_batch(engine: Engine, items: Sequence[tuple[dict[str, Any], bytes]],
@@ -76,39 +75,41 @@ def check_new(engine: Engine, batch: dict[str, Revision], trusted: bool = False,
     return order
 
 
-def check_follows(batch: dict[str, Revision], seen: dict[str, tuple[int, int]],
-                  held: SeqIndex, coming: Container[str],
+def check_follows(batch: dict[str, Revision], seen: dict[str, list[int]],
+                  slots: dict[tuple[str, str, int], str], coming: Container[str],
                   trust: Trust | None = None) -> list[Revision]:
-    """The checks against what came before — new (origin, seq) slots, parents and
-    dependencies known with a lower hlc, signatures — of a batch from :func:`check_items`
-    that comes in canonical order into an empty peer (a clone); return it in that order.
+    """The checks against what came before — new (partition, origin, seq) slots, parents
+    and dependencies known with a lower hlc, signatures — of a batch from
+    :func:`check_items` that comes in canonical order into an empty peer (a clone);
+    return it in that order.
 
     Canonical order puts parents first, so a parent not yet ``seen`` is
     missing, or sorts after its child (one of ``coming``), which a cycle always
     does: the batch needs no sort, and no query of the peer. Takes the batch
-    into ``seen`` (id: hlc) and ``held``.
+    into ``seen`` (id: hlc) and ``slots`` (slot: id).
     """
     for rev in batch.values():
         d = rev.descriptor
-        hlc = rev.hlc
-        known = held.get(d["partition"], d["origin"], d["seq"])
+        hlc = d["hlc"]
+        slot = (d["partition"], d["origin"], d["seq"])
+        known = slots.get(slot)
         if known is not None:
-            raise ForkedRevision(f"(origin {d['origin']}, seq {d['seq']})", known, d["digest"])
-        for parent in [*d["parents"], *d["depends_on"]]:
+            raise ForkedRevision(f"(origin {slot[1]}, seq {slot[2]})", known, d["digest"])
+        parents = d["parents"]
+        for parent in [*parents, *d["depends_on"]] if d["depends_on"] else parents:
             above = seen.get(parent)
             if above is None:
                 if parent not in coming:
                     raise MissingParent(rev.id, parent)
-                raise MalformedPayload(f"revision {rev.id[:12]} (hlc {list(hlc)}) sorts before"
-                                       f" its parent {parent[:12]}: refused")
+                raise MalformedPayload(f"revision {rev.id[:12]} (hlc {hlc}) sorts before its"
+                                       f" parent {parent[:12]}: refused")
             if hlc <= above:
-                raise MalformedPayload(
-                    f"revision {rev.id[:12]} has hlc {list(hlc)} not above its parent"
-                    f" {parent[:12]}'s {list(above)}: refused")
+                raise MalformedPayload(f"revision {rev.id[:12]} has hlc {hlc} not above its"
+                                       f" parent {parent[:12]}'s {above}: refused")
         if trust is not None:
             trust.check(d)
         seen[rev.id] = hlc
-        held.add(d["partition"], d["origin"], d["seq"], rev.id)
+        slots[slot] = rev.id
     return list(batch.values())
 
 
