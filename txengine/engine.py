@@ -51,7 +51,7 @@ from .ops import Op, State, apply_op, write_key
 from .policy import DEFAULT, REJECT, Policy, decode_config, resolver
 from .revision import Revision, decode_ops
 from .stores.base import Store
-from .values import loads, sha256
+from .values import key_text, loads, sha256
 from .vector import SeqIndex
 
 if TYPE_CHECKING:
@@ -992,7 +992,8 @@ class Engine:
         statements: list[Any] = []
         try:
             with paused_gc():
-                keys_of = [[(r.partition, *write_key(op)) for op in r.ops] for r in revs]
+                keys_of = [[(r.descriptor["partition"], op.collection, key_text(op.key))
+                            for op in r.ops] for r in revs]
                 work.preload(k for keys in keys_of for k in keys)
                 entries: list[Applied] = []
                 audit: list[tuple[str, str | None, str, float, dict[str, Any]]] = []
@@ -1007,7 +1008,7 @@ class Engine:
                 record(entries, keys_of, statements)
                 audit.append(("integrate", None, "ok", _ms(started), {
                     "count": len(revs), "first": revs[0].id, "last": revs[-1].id,
-                    "arrived": True, "steps": encode_steps(Step("apply", r.id) for r in revs)}))
+                    "arrived": True, "steps": ",".join([_SIGN["apply"] + r.id for r in revs])}))
                 self.ledger.audit_many(audit)
                 return entries, self.store.commit_in_background(statements)
         except BaseException:

@@ -156,21 +156,21 @@ class Revision:
 
 def verify_bytes(descriptor: dict[str, Any], payload: bytes) -> None:
     """Check a descriptor against its payload; raise naming the revision on mismatch."""
-    rev_id = str(descriptor.get("id", "?"))
     actual = sha256(payload)
     if actual != descriptor.get("checksum"):
-        raise ChecksumMismatch(rev_id, str(descriptor.get("checksum")), actual)
+        raise ChecksumMismatch(str(descriptor.get("id", "?")), str(descriptor.get("checksum")),
+                               actual)
     check_digest(descriptor)
 
 
 def check_digest(descriptor: dict[str, Any]) -> dict[str, Any]:
     """Check a descriptor alone (its digest, and for data its id); return it or raise."""
-    rev_id = str(descriptor.get("id", "?"))
     digest = compute_digest(descriptor)
-    if digest != descriptor.get("digest"):
-        raise DigestMismatch(rev_id, str(descriptor.get("digest")), digest)
-    if descriptor.get("kind") == "data" and rev_id != digest:
-        raise DigestMismatch(rev_id, rev_id, digest)
+    if digest != descriptor.get("digest") or (descriptor.get("kind") == "data"
+                                              and descriptor.get("id") != digest):
+        rev_id = str(descriptor.get("id", "?"))
+        known = descriptor.get("digest") if digest != descriptor.get("digest") else rev_id
+        raise DigestMismatch(rev_id, str(known), digest)
     return descriptor
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 import sqlalchemy as sa
@@ -83,7 +84,7 @@ def values_statements(head: str, rows: Sequence[Sequence[Any]], tail: str,
     group = "(" + ", ".join("?" * width) + ")"
     per = max(1, limit // width)
     return [(f"{head} {', '.join([group] * len(chunk))}{tail}",
-             [value for row in chunk for value in row])
+             list(chain.from_iterable(chunk)))
             for chunk in (rows[i:i + per] for i in range(0, len(rows), per))]
 
 
