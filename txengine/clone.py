@@ -26,7 +26,7 @@ from .intake import check_follows, check_items
 from .ledger import (
     APPLIED,
     CONFLICTED,
-    DESCRIPTOR_COLUMNS,
+    COPY_COLUMNS,
     FETCHED,
     descriptor_from_row,
     payload_of,
@@ -152,8 +152,7 @@ def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size
     try:
         for start in range(0, total, batch_size):
             chunk = ids[start:start + batch_size]
-            rows = source._ledger.rows_at([at for _id, at in chunk], *DESCRIPTOR_COLUMNS,
-                                          "payload")
+            rows = source._ledger.rows_at([at for _id, at in chunk], *COPY_COLUMNS, "payload")
             source._store.rollback()
             if [row.id for row in rows] != [rev_id for rev_id, _at in chunk]:
                 raise InvalidInput("the source's revisions changed during the clone (one left"
@@ -168,7 +167,7 @@ def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size
                     progress(Progress("fetch", start, total))
             engine.ledger.keep_lease()  # a long clone outlasts it
             if batch:
-                finish = engine.begin_copied(batch)
+                finish = engine.begin_copied(batch, rows)
         if finish is not None:
             waiting, finish = finish, None
             waiting()

@@ -958,12 +958,14 @@ class Engine:
 
         return finish
 
-    def begin_copied(self, revs: Sequence[Revision]) -> Callable[[], None]:
+    def begin_copied(self, revs: Sequence[Revision], rows: Sequence[Any]
+                     ) -> Callable[[], None]:
         """Apply and record data revisions that a clone copies, in canonical order, into
         this empty peer; start the commit and return the call that waits for it.
 
-        As :meth:`begin_arrived` on its fast path, but nothing is taken into
-        memory: the peer loads its graph from the ledger when it is next used
+        As :meth:`begin_arrived` on its fast path, but the ledger rows are
+        written from the source's ``rows`` (:meth:`Ledger.copy_many`), and nothing
+        is taken into memory: the peer loads its graph from the ledger when it is next used
         (``Peer._unload``), which a clone that only writes never pays for. The
         document states stay in memory from one batch to the next, as through
         one upgrade: each batch reads only the keys no batch before it wrote.
@@ -975,8 +977,7 @@ class Engine:
 
         def record(entries: list[Applied], keys_of: list[list[Key]], statements: list[Any]
                    ) -> None:
-            self.ledger.insert_many([(r, e.state, e) for r, e in
-                                     zip(revs, entries, strict=True)], statements, keys_of)
+            self.ledger.copy_many(rows, revs, entries, statements, keys_of)
 
         entries, wait = self._begin_batch(revs, record, started, self._copied)
         self.next_position += len(entries)

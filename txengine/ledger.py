@@ -152,6 +152,10 @@ def _row_type(names: tuple[str, ...]) -> Any:
     return collections.namedtuple("LedgerRow", names)
 
 
+COPY_COLUMNS = _INSERT_COLUMNS[1:15]
+"""A ledger row's descriptor columns besides ``id``, in the order :meth:`Ledger.copy_many`
+writes them: a clone reads its source's rows with these and ``payload``."""
+
 DESCRIPTOR_COLUMNS = ("partition", "parents", "depends_on", "origin", "seq", "hlc_ms", "hlc_c",
                       "message", "kind", "checksum", "collections", "branch_labels", "digest",
                       "signature")
@@ -323,10 +327,26 @@ class Ledger(LeaseHolder):
                 _dumps(applied.undo) if applied and applied.undo is not None else None,
                 now,
             ))
+        self._record(params, [rev for rev, _st, _a in rows], defer, keys_of)
+
+    def copy_many(self, rows: Sequence[Any], revs: Sequence[Revision],
+                  entries: Sequence[Applied], defer: list[Statement] | None = None,
+                  keys_of: Sequence[Sequence[tuple[str, str, str]]] | None = None) -> None:
+        """Record revisions copied from another ledger as applied, as :meth:`insert_many`
+        does, from ``rows`` read there with ``id`` and :data:`COPY_COLUMNS` (and checked
+        by intake as ``revs``): their columns are written as read, not encoded again."""
+        now = time.time()
+        params = [(*row[:15], rev.payload, e.state, e.position, _dumps(e.undo), now)
+                  for row, rev, e in zip(rows, revs, entries, strict=True)]
+        self._record(params, revs, defer, keys_of)
+
+    def _record(self, params: list[tuple[Any, ...]], revs: Sequence[Revision],
+                defer: list[Statement] | None,
+                keys_of: Sequence[Sequence[tuple[str, str, str]]] | None) -> None:
+        """Insert ledger rows and their revisions' key-index rows."""
         if params:
             cur = raw_cursor(self.conn)
             self._insert(cur, "insert", params, defer)
-            revs = [rev for rev, _st, _a in rows]
             self._insert(cur, "writes", write_rows(revs) if keys_of is None else [
                 (part, collection, key, rev.descriptor["hlc"][0], rev.id)
                 for rev, keys in zip(revs, keys_of, strict=True)

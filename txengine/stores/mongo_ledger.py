@@ -124,6 +124,12 @@ class MongoLedger(LeaseHolder):
                 "stored_at": now, "w": _write_keys(rev),
             }))
 
+    def copy_many(self, rows: Sequence[Any], revs: Sequence[Revision],
+                  entries: Sequence[Applied], defer: list[Any] | None = None,
+                  keys_of: Sequence[Sequence[tuple[str, str, str]]] | None = None) -> None:
+        """As :meth:`Ledger.copy_many`: the documents are built from ``revs``."""
+        self.insert_many([(rev, e.state, e) for rev, e in zip(revs, entries, strict=True)])
+
     def announce_many(self, descriptors: Sequence[dict[str, Any]]) -> None:
         self.insert_many([(Revision(d, None), ANNOUNCED, None)  # type: ignore[arg-type]
                           for d in descriptors])
