@@ -53,11 +53,12 @@ def check_items(items: Sequence[tuple[dict[str, Any], bytes]], code_allowed: boo
     batch: dict[str, Revision] = {}
     for descriptor, payload in items:
         rev = _check_one(check_descriptor(descriptor), payload, code_allowed)
-        other = batch.get(rev.id)
-        if other is not None and other.descriptor["digest"] != rev.descriptor["digest"]:
-            raise ForkedRevision(f"revision {rev.id[:12]}", other.descriptor["digest"],
-                                 rev.descriptor["digest"])
-        batch[rev.id] = rev
+        rev_id = descriptor["id"]
+        other = batch.get(rev_id)
+        if other is not None and other.descriptor["digest"] != descriptor["digest"]:
+            raise ForkedRevision(f"revision {rev_id[:12]}", other.descriptor["digest"],
+                                 descriptor["digest"])
+        batch[rev_id] = rev
     return batch
 
 
@@ -116,9 +117,10 @@ def check_follows(batch: dict[str, Revision], seen: dict[str, list[int]],
 def _check_one(d: dict[str, Any], payload: bytes, trusted: bool,
                digest_checked: bool = False) -> Revision:
     rev = Revision(d, payload)
-    if rev.kind != "data" and not trusted:
+    kind = d["kind"]
+    if kind != "data" and not trusted:
         raise UntrustedScript(
-            f"revision {rev.id[:12]} is {rev.kind} code from another peer and is not"
+            f"revision {rev.id[:12]} is {kind} code from another peer and is not"
             " signed by the sequencer: refused; nothing was changed"
         )
     if digest_checked:
@@ -127,8 +129,10 @@ def _check_one(d: dict[str, Any], payload: bytes, trusted: bool,
             raise ChecksumMismatch(rev.id, d["checksum"], actual)
     else:
         verify_bytes(d, payload)
-    if rev.kind == "data":
-        derived = sorted({op.collection for op in rev.ops})
+    if kind == "data":
+        ops = rev.ops
+        derived = [ops[0].collection] if len(ops) == 1 else sorted({op.collection
+                                                                   for op in ops})
         if derived != d["collections"]:
             raise MalformedPayload(
                 f"revision {rev.id[:12]} declares collections {d['collections']} but"
