@@ -69,15 +69,17 @@ def clone(peer_class: type[Peer], source: str | Any, store: str | Any,
 
                 bootstrap_from(origin, new, partition, progress)
                 since = Side(new).vector()
-            ids = None if from_checkpoint else replayable(origin, partition)
             taken = None
-            if ids is not None:
-                new._take_lease()
-                try:
-                    taken = replay(origin, new, ids, batch_size or new._store.bulk_batch,
-                                   progress)
-                except (InvalidInput, IntegrityError, RevisionError, UntrustedScript):
-                    since = Side(new).vector()  # a bad revision: sync refuses it alone
+            with paused_gc():  # the read plan alone holds a tuple a revision
+                ids = None if from_checkpoint else replayable(origin, partition)
+                if ids is not None:
+                    new._take_lease()
+                    try:
+                        taken = replay(origin, new, ids, batch_size or new._store.bulk_batch,
+                                       progress)
+                    except (InvalidInput, IntegrityError, RevisionError, UntrustedScript):
+                        since = Side(new).vector()  # a bad revision: sync refuses it alone
+                    ids = None  # freed before the collector runs again
             if taken is None:
                 sender = Side(origin, batch_size or _SYNC_BATCH)
                 header, messages = bundle.outgoing(sender, since, partition)
@@ -130,14 +132,16 @@ def replay(source: Peer, target: Peer, ids: list[tuple[str, Any]], batch_size: i
     if progress is not None:
         progress(Progress("fetch", 0, total))
     slots: dict[tuple[str, str, int], str] = {}
-    try:
-        with paused_gc():
+    with paused_gc():
+        try:
             _replay(source, target._engine, ids, batch_size, trust, slots, progress)
-    finally:
-        target._unload()
+        finally:
+            target._unload()
+        vectors = _vectors(slots)
+        slots.clear()  # while the collector still sleeps: it would walk every slot
     if progress is not None:
         progress(Progress("fetch", total, total))
-    return _vectors(slots)
+    return vectors
 
 
 def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size: int,
