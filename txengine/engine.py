@@ -429,13 +429,15 @@ class Engine:
             keys = [(partition, *write_key(op)) for op in ops]
             work.preload(keys)
         undo: list[Any] = []
-        seen: set[Key] = set()
+        seen: set[Key] | None = None if len(keys) == 1 else set()  # most write one key
         conflicts = []
         rejected = False
+        states = work.states
         for op, k in zip(ops, keys, strict=True):
-            state = work.states[k]
-            if k not in seen:
-                seen.add(k)
+            state = states[k]
+            if seen is None or k not in seen:
+                if seen is not None:
+                    seen.add(k)
                 undo.append([k[1], k[2], state[0], state[1]])
             outcome = apply_op(op, state, rev_id)
             new_state = outcome.state

@@ -348,9 +348,9 @@ class Ledger(LeaseHolder):
             cur = raw_cursor(self.conn)
             self._insert(cur, "insert", params, defer)
             self._insert(cur, "writes", write_rows(revs) if keys_of is None else [
-                (part, collection, key, rev.descriptor["hlc"][0], rev.id)
+                (*key, rev.descriptor["hlc"][0], rev.descriptor["id"])
                 for rev, keys in zip(revs, keys_of, strict=True)
-                for part, collection, key in dict.fromkeys(keys)], defer)
+                for key in (keys if len(keys) == 1 else dict.fromkeys(keys))], defer)
 
     def _insert(self, cur: Any, name: str, params: list[tuple[Any, ...]],
                 defer: list[Statement] | None) -> None:

@@ -179,6 +179,7 @@ _ALLOWED = _REQUIRED | frozenset(OPTIONAL_FIELDS)
 
 
 _LISTS = ("parents", "depends_on", "collections", "branch_labels")
+_STRINGS = ("partition", "origin", "message", "checksum", "digest")
 
 
 def check_descriptor(descriptor: Any) -> dict[str, Any]:
@@ -209,9 +210,11 @@ def check_descriptor(descriptor: Any) -> dict[str, Any]:
         raise MalformedPayload(f"descriptor hlc must be [ms, counter], got {hlc!r}")
     if type(d["seq"]) is not int or d["seq"] < 1:
         raise MalformedPayload(f"descriptor seq must be a positive integer, got {d['seq']!r}")
-    for name in ("partition", "origin", "message", "checksum", "digest"):
-        if type(d[name]) is not str:
-            raise MalformedPayload(f"descriptor {name} must be a string")
+    if not (type(d["partition"]) is str and type(d["origin"]) is str
+            and type(d["message"]) is str and type(d["checksum"]) is str
+            and type(d["digest"]) is str):
+        name = next(n for n in _STRINGS if type(d[n]) is not str)
+        raise MalformedPayload(f"descriptor {name} must be a string")
     sig = d.get("signature")
     if sig is not None:
         if not (isinstance(sig, dict) and set(sig) == SIGNATURE_FIELDS
