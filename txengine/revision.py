@@ -104,6 +104,20 @@ def decode_ops(payload: bytes, limit: int = MAX_PAYLOAD_BYTES, trusted: bool = F
     return [op_from_json(item) for item in data]
 
 
+class _Ops:
+    """:attr:`Revision.ops`: decoded on first use into the instance's ``__dict__``, where
+    every later read finds it as a plain attribute (this is a non-data descriptor).
+    ``functools.cached_property`` does the same but takes a lock each first time: a
+    microsecond a revision in bulk intake."""
+
+    def __get__(self, rev: Revision | None, owner: type | None = None) -> list[Op]:
+        if rev is None:
+            return self  # type: ignore[return-value]
+        ops = decode_ops(rev.payload) if rev.descriptor["kind"] == "data" else []
+        rev.__dict__["ops"] = ops
+        return ops
+
+
 @dataclass(frozen=True)
 class Revision:
     """An immutable unit of change: descriptor + payload."""
@@ -136,18 +150,8 @@ class Revision:
     def message(self) -> str:
         return self.descriptor["message"]
 
-    @property
-    def ops(self) -> list[Op]:
-        """The op list of a data revision (empty for other kinds), decoded once.
-
-        Kept in the instance's ``__dict__`` by hand: ``functools.cached_property``
-        takes a lock on every first access, a microsecond a revision in bulk intake.
-        """
-        ops = self.__dict__.get("_ops")
-        if ops is None:
-            ops = decode_ops(self.payload) if self.kind == "data" else []
-            self.__dict__["_ops"] = ops
-        return ops
+    ops = _Ops()
+    """The op list of a data revision (empty for other kinds), decoded on first use."""
 
     def verify(self) -> None:
         """Raise unless checksum, digest and (for data) id match the bytes."""
