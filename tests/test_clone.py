@@ -12,8 +12,10 @@ from conftest import fail_background_commit
 
 from txengine.cli import cli
 from txengine.engine import Progress
-from txengine.exceptions import InvalidInput
+from txengine.exceptions import ForkedRevision, InvalidInput, MalformedPayload, MissingParent
+from txengine.intake import check_follows
 from txengine.peer import Peer
+from txengine.revision import Revision
 
 
 def fill(peer: Peer, count: int, partitions: tuple[str, ...] = ("default",)) -> None:
@@ -237,3 +239,55 @@ def test_a_commit_that_fails_beside_the_next_checks_leaves_a_prefix_sync_complet
         with Peer.open(source_url, peer_id="source") as source:
             copy.sync(source)
         assert copy.snapshot() == expected
+
+
+def test_a_source_that_changes_during_the_clone_is_finished_through_sync(
+        tmp_path: Path, monkeypatch) -> None:
+    """A row the read plan named that a batch read no longer finds (a concurrent prune):
+    the one-pass clone stops with its one-line error and sync takes the rest."""
+    from txengine.ledger import Ledger
+
+    source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
+    with Peer.open(source_url, peer_id="source") as source:
+        fill(source, 20)
+        expected = source.snapshot()
+    rows_at = Ledger.rows_at
+    calls = []
+
+    def lose_one(self, at, *columns):
+        calls.append(1)
+        rows = rows_at(self, at, *columns)
+        return rows[:-1] if len(calls) == 2 else rows  # the second batch misses a row
+
+    monkeypatch.setattr(Ledger, "rows_at", lose_one)
+    with Peer.clone(source_url, target, "copy", batch_size=8) as copy:
+        assert copy.snapshot() == expected
+        assert copy.verify(replay=True).ok
+    assert len(calls) == 2, "the one-pass path stopped at the changed batch"
+
+
+def _revision(rev_id: str, hlc: list[int], parents: list[str], seq: int,
+              origin: str = "o:0") -> Revision:
+    return Revision({"id": rev_id, "partition": "default", "origin": origin, "seq": seq,
+                     "hlc": hlc, "parents": parents, "depends_on": [], "digest": rev_id},
+                    b"[]")
+
+
+def test_checks_of_a_stream_in_canonical_order() -> None:
+    """check_follows, what a one-pass clone checks against what it took before: each
+    parent came first with a lower hlc, and each (origin, seq) slot is free."""
+    seen: dict[str, list[int]] = {}
+    slots: dict[tuple[str, str, int], str] = {}
+    coming = {"a", "b", "c", "d"}
+    first = {"a": _revision("a", [1, 0], [], 1), "b": _revision("b", [2, 0], ["a"], 2)}
+    assert [r.id for r in check_follows(first, seen, slots, coming)] == ["a", "b"]
+    assert seen == {"a": [1, 0], "b": [2, 0]} and slots[("default", "o:0", 2)] == "b"
+    with pytest.raises(MissingParent):
+        check_follows({"x": _revision("x", [3, 0], ["nowhere"], 3)}, seen, slots, coming)
+    with pytest.raises(MalformedPayload, match="sorts before its parent"):
+        check_follows({"c": _revision("c", [3, 0], ["d"], 3)}, seen, slots, coming)
+    with pytest.raises(MalformedPayload, match="not above its parent"):
+        check_follows({"c": _revision("c", [2, 0], ["b"], 3)}, seen, slots, coming)
+    with pytest.raises(ForkedRevision, match="seq 2"):
+        check_follows({"c": _revision("c", [3, 0], ["b"], 2)}, seen, slots, coming)
+    assert "c" not in seen, "a refused revision is not taken"
