@@ -142,9 +142,11 @@ class Peer:
         many revisions a bulk upgrade or downgrade commits together (default:
         the store's ``bulk_batch``, 20,000 on SQL, 2,000 on MongoDB).
         """
-        from .stores.mongo import is_database, is_mongo_url, open_database
+        from .stores import is_database, is_mongo_url
 
         if is_mongo_url(store):
+            from .stores.mongo import open_database
+
             return cls(open_database(store), peer_id, script_location=script_location,
                        batch_size=batch_size, key_file=key_file)
         if is_database(store):

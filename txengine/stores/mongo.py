@@ -31,7 +31,7 @@ import datetime as _dt
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeGuard
+from typing import Any
 from urllib.parse import urlsplit
 
 import bson
@@ -55,18 +55,6 @@ _MOCK_CLIENTS: dict[str, Any] = {}
 
 
 # -- opening -------------------------------------------------------------------------------
-
-
-def is_mongo_url(url: Any) -> TypeGuard[str]:
-    """Tell whether ``url`` names a MongoDB store (``mongodb://``, ``mongodb+srv://``, mock)."""
-    return isinstance(url, str) and url.startswith(("mongodb://", "mongodb+srv://",
-                                                    "mongomock://"))
-
-
-def is_database(obj: Any) -> bool:
-    """Tell whether ``obj`` is a pymongo (or mongomock) ``Database``."""
-    return hasattr(obj, "list_collection_names") and hasattr(obj, "get_collection") \
-        and hasattr(obj, "client")
 
 
 def open_database(url: str) -> tuple[Any, Any]:
