@@ -134,11 +134,15 @@ def replay(source: Peer, target: Peer, ids: list[tuple[str, Any]], batch_size: i
     slots: dict[tuple[str, str, int], str] = {}
     with paused_gc():
         try:
-            _replay(source, target._engine, ids, batch_size, trust, slots, progress)
+            finish = _replay(source, target._engine, ids, batch_size, trust, slots, progress)
+            try:  # while the last batch commits
+                vectors = _vectors(slots)
+                slots.clear()  # and while the collector still sleeps: it would walk them all
+            finally:
+                if finish is not None:
+                    finish()
         finally:
             target._unload()
-        vectors = _vectors(slots)
-        slots.clear()  # while the collector still sleeps: it would walk every slot
     if progress is not None:
         progress(Progress("fetch", total, total))
     return vectors
@@ -146,9 +150,9 @@ def replay(source: Peer, target: Peer, ids: list[tuple[str, Any]], batch_size: i
 
 def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size: int,
             trust: Any, slots: dict[tuple[str, str, int], str],
-            progress: ProgressCallback | None) -> None:
+            progress: ProgressCallback | None) -> Callable[[], Any] | None:
     """Each batch is read from the source and checked while the batch before it commits
-    (:meth:`Engine.begin_copied`)."""
+    (:meth:`Engine.begin_copied`); return the call that waits for the last commit."""
     total = len(ids)
     coming = {rev_id for rev_id, _at in ids}
     seen: dict[str, list[int]] = {}
@@ -172,9 +176,7 @@ def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size
             engine.ledger.keep_lease()  # a long clone outlasts it
             if batch:
                 finish = engine.begin_copied(batch, rows)
-        if finish is not None:
-            waiting, finish = finish, None
-            waiting()
+        return finish
     except BaseException:
         if finish is not None:
             with contextlib.suppress(BaseException):
