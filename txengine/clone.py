@@ -162,7 +162,7 @@ def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size
             chunk = ids[start:start + batch_size]
             rows = source._ledger.rows_at([at for _id, at in chunk], *COPY_COLUMNS, "payload")
             source._store.rollback()
-            if [row.id for row in rows] != [rev_id for rev_id, _at in chunk]:
+            if [row[0] for row in rows] != [rev_id for rev_id, _at in chunk]:  # ids
                 raise InvalidInput("the source's revisions changed during the clone (one left"
                                    " or moved): the rest comes through sync")
             batch = check_follows(

@@ -109,8 +109,8 @@ def check_follows(batch: dict[str, Revision], seen: dict[str, list[int]],
                                        f" parent {parent[:12]}'s {above}: refused")
         if trust is not None:
             trust.check(d)
-        seen[rev.id] = hlc
-        slots[slot] = rev.id
+        seen[d["id"]] = hlc
+        slots[slot] = d["id"]
     return list(batch.values())
 
 

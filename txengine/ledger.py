@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -244,9 +244,9 @@ class AuditEntry:
     detail: dict[str, Any]
 
 
-@dataclass
-class Applied:
-    """What applying one revision produced, for the ledger."""
+class Applied(NamedTuple):
+    """What applying one revision produced, for the ledger (a tuple: bulk work makes one
+    a revision)."""
 
     id: str
     position: int
