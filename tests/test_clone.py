@@ -12,7 +12,13 @@ from conftest import fail_background_commit
 
 from txengine.cli import cli
 from txengine.engine import Progress
-from txengine.exceptions import ForkedRevision, InvalidInput, MalformedPayload, MissingParent
+from txengine.exceptions import (
+    ForkedRevision,
+    InvalidInput,
+    MalformedPayload,
+    MissingParent,
+    TxEngineError,
+)
 from txengine.intake import check_follows
 from txengine.peer import Peer
 from txengine.revision import Revision
@@ -291,3 +297,15 @@ def test_checks_of_a_stream_in_canonical_order() -> None:
     with pytest.raises(ForkedRevision, match="seq 2"):
         check_follows({"c": _revision("c", [3, 0], ["b"], 2)}, seen, slots, coming)
     assert "c" not in seen, "a refused revision is not taken"
+
+
+def test_a_source_row_with_a_malformed_column_is_refused_in_one_line(tmp_path: Path) -> None:
+    source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
+    with Peer.open(source_url, peer_id="source") as source:
+        fill(source, 6)
+        source._store.conn.exec_driver_sql(
+            "UPDATE txengine_revisions SET parents = 'not json' WHERE seq = 4")
+        source._store.commit()
+    with pytest.raises(TxEngineError, match="is not (a )?JSON") as caught:
+        Peer.clone(source_url, target, "copy")
+    assert "\n" not in str(caught.value)

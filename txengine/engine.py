@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from .clock import Clock, Hlc
 from .exceptions import (
     ChecksumMismatch,
+    IntegrityError,
     TxEngineError,
     UntrustedScript,
 )
@@ -223,7 +224,15 @@ class Engine:
              message, seq, st) in self.ledger.nodes():
             if st == ANNOUNCED:
                 continue
-            node = _row_node(rev_id, kind, origin, ms, counter, parents, depends_on, labels)
+            try:
+                node = _row_node(rev_id, kind, origin, ms, counter, parents, depends_on, labels)
+            except (ValueError, TypeError) as exc:
+                self.store.rollback()
+                raise IntegrityError(
+                    f"revision {str(rev_id)[:12]}: its ledger row's parents, depends_on or"
+                    f" branch_labels is not a JSON list of ids ({exc}): the store was changed"
+                    " behind txengine; restore it from a backup or clone a sound peer"
+                ) from exc
             if st == BASE:
                 self.stubs[rev_id] = node
                 continue

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
-from .exceptions import LockTimeout, StaleLease
+from .exceptions import LockTimeout, MalformedPayload, StaleLease
 from .lease import LeaseHolder
 from .ops import write_set
 from .revision import Revision
@@ -175,23 +175,27 @@ def descriptor_from_row(row: Any) -> dict[str, Any]:
     Attribute access and orjson: sync and clone rebuild every descriptor they send.
     The signature, when there is one, is passed on as it arrived (a relay never re-signs).
     """
-    d = {
-        "id": row.id,
-        "partition": row.partition,
-        "parents": _list(row.parents),
-        "depends_on": _list(row.depends_on),
-        "origin": row.origin,
-        "seq": row.seq,
-        "hlc": [row.hlc_ms, row.hlc_c],
-        "message": row.message,
-        "kind": row.kind,
-        "checksum": row.checksum,
-        "collections": _list(row.collections),
-        "branch_labels": _list(row.branch_labels),
-        "digest": row.digest,
-    }
-    if row.signature:
-        d["signature"] = loads(row.signature)
+    try:
+        d = {
+            "id": row.id,
+            "partition": row.partition,
+            "parents": _list(row.parents),
+            "depends_on": _list(row.depends_on),
+            "origin": row.origin,
+            "seq": row.seq,
+            "hlc": [row.hlc_ms, row.hlc_c],
+            "message": row.message,
+            "kind": row.kind,
+            "checksum": row.checksum,
+            "collections": _list(row.collections),
+            "branch_labels": _list(row.branch_labels),
+            "digest": row.digest,
+        }
+        if row.signature:
+            d["signature"] = loads(row.signature)
+    except (ValueError, TypeError) as exc:
+        raise MalformedPayload(f"revision {str(row.id)[:12]}: a descriptor column of its"
+                               f" ledger row is not JSON ({exc}): refused") from exc
     return d
 
 
