@@ -17,8 +17,10 @@ how many steps had run (reported by an ``on_version_apply`` hook in env.py;
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -150,6 +152,7 @@ def main() -> None:
     n = args.revisions or (1000 if args.quick else 20000)
     limit = args.time_limit
     work = Path(tempfile.mkdtemp(prefix="txengine-alembic-bench-"))
+    atexit.register(shutil.rmtree, work, True)
     alembic_dir = work / "alembic"
     alembic_dir.mkdir()
     t = time.perf_counter()

@@ -14,7 +14,9 @@ the resulting documents into a bare table (the floor). Reports medians of
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -74,6 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     n = args.n or (10_000 if args.quick else 100_000)
     tmp = Path(tempfile.mkdtemp(prefix="txengine-bench-clone-"))
+    atexit.register(shutil.rmtree, tmp, True)  # ~1.2 GB a run at 100,000
     collector = _Collector()
     make_chain(collector, n, max(1, n // 10))  # type: ignore[arg-type]
     items = collector.items

@@ -8,9 +8,11 @@ Peers open with the default batch size (the store's ``bulk_batch``), as a user's
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -55,6 +57,7 @@ def baseline_setup(path: str):
 
 def bench_write(n: int) -> tuple[float, float]:
     tmp = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, tmp, True)
     engine, conn, data, ledger, audit = baseline_setup(os.path.join(tmp, "base.db"))
     peer = Peer.open(os.path.join(tmp, "tx.db"), peer_id="bench")
     with peer.transaction("warm") as tx:
@@ -134,6 +137,7 @@ def main() -> None:
     print(f"write (1 insert/transaction, {n_write} interleaved): baseline {base*1e6:.0f} µs,"
           f" txengine {ours*1e6:.0f} µs, ratio {ours/base:.2f}x (target <= 2x)")
     tmp = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, tmp, True)
     peer = Peer.open(os.path.join(tmp, "chain.db"), peer_id="bench")
     t = time.perf_counter()
     make_chain(peer, n_chain, n_chain // 10)

@@ -15,6 +15,8 @@ revisions, nothing that moves the sizes).
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,6 +48,8 @@ def build(tmp: Path, n: int) -> None:
 
 def measure(n: int, runs: int, data: Path | None) -> dict[str, float]:
     tmp = data / str(n) if data else Path(tempfile.mkdtemp(prefix="txengine-bench-flat-"))
+    if not data:  # --data keeps what it built for the next run
+        atexit.register(shutil.rmtree, tmp, True)
     build(tmp, n)
     t = time.perf_counter()
     a = Peer.open(str(tmp / "alice.db"), peer_id="alice")

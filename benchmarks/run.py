@@ -12,8 +12,10 @@ benchmarks/core.py, sync.py and alembic_side_by_side.py.
 from __future__ import annotations
 
 import argparse
+import atexit
 import itertools
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -299,6 +301,7 @@ def main() -> None:
     size.add_argument("--full", action="store_true", help="add 1,000,000-revision sizes")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="txengine-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)
     started = time.perf_counter()
     rows: list[Row] = []
     if args.quick:

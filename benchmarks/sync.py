@@ -10,7 +10,9 @@ most 3), and the time it took.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -45,6 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     shared = args.shared or (10_000 if args.quick else 100_000)
     tmp = Path(tempfile.mkdtemp(prefix="txengine-bench-sync-"))
+    atexit.register(shutil.rmtree, tmp, True)
     items = shared_history(shared)
     peers = []
     for name in ("alice", "bob"):
