@@ -105,8 +105,7 @@ def check_follows(batch: dict[str, Revision], seen: dict[str, list[int]],
                 raise MalformedPayload(f"revision {rev.id[:12]} (hlc {hlc}) sorts before its"
                                        f" parent {parent[:12]}: refused")
             if hlc <= above:
-                raise MalformedPayload(f"revision {rev.id[:12]} has hlc {hlc} not above its"
-                                       f" parent {parent[:12]}'s {above}: refused")
+                raise MalformedPayload(_not_above(rev.id, hlc, parent, above))
         if trust is not None:
             trust.check(d)
         seen[d["id"]] = hlc
@@ -177,10 +176,13 @@ def _check_parents(engine: Engine, new: dict[str, Revision]) -> None:
             else:
                 raise MissingParent(rev.id, parent)
             if tuple(rev.hlc) <= tuple(hlc):
-                raise MalformedPayload(
-                    f"revision {rev.id[:12]} has hlc {list(rev.hlc)} not above its parent"
-                    f" {parent[:12]}'s {list(hlc)}: refused"
-                )
+                raise MalformedPayload(_not_above(rev.id, rev.hlc, parent, hlc))
+
+
+def _not_above(rev_id: str, hlc: Sequence[int], parent: str, above: Sequence[int]) -> str:
+    """The refusal of a revision whose hlc is not above its parent's."""
+    return (f"revision {rev_id[:12]} has hlc {list(hlc)} not above its parent"
+            f" {parent[:12]}'s {list(above)}: refused")
 
 
 def _topological(new: dict[str, Revision]) -> list[Revision]:
@@ -239,8 +241,7 @@ def _hlc_problem(engine: Engine, d: dict[str, Any], extra: dict[str, Any]) -> st
         hlc = tuple(node.hlc) if node is not None else (
             tuple(extra[parent]["hlc"]) if parent in extra else None)
         if hlc is not None and tuple(d["hlc"]) <= hlc:
-            return (f"revision {d['id'][:12]} has hlc {list(d['hlc'])} not above its parent"
-                    f" {parent[:12]}'s {list(hlc)}: refused")
+            return _not_above(d["id"], d["hlc"], parent, hlc)
     return None
 
 
