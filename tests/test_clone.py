@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 from conftest import fail_background_commit
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from txengine.cli import cli
+from txengine.clone import replayable
 from txengine.engine import Progress
 from txengine.exceptions import (
     ForkedRevision,
@@ -19,9 +23,11 @@ from txengine.exceptions import (
     MissingParent,
     TxEngineError,
 )
-from txengine.intake import check_follows
+from txengine.intake import check_follows, check_items, check_rows
+from txengine.ledger import COPY_COLUMNS, descriptor_from_row, payload_of
 from txengine.peer import Peer
-from txengine.revision import Revision
+from txengine.revision import MAX_PAYLOAD_BYTES, Revision, compute_digest
+from txengine.values import sha256
 
 
 def fill(peer: Peer, count: int, partitions: tuple[str, ...] = ("default",)) -> None:
@@ -309,3 +315,105 @@ def test_a_source_row_with_a_malformed_column_is_refused_in_one_line(tmp_path: P
     with pytest.raises(TxEngineError, match="is not (a )?JSON") as caught:
         Peer.clone(source_url, target, "copy")
     assert "\n" not in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def source_rows(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    """A source's ledger rows as a one-pass clone reads them: inserts, updates, a delete, a
+    revision of two ops in two collections, two partitions."""
+    url = str(tmp_path_factory.mktemp("rows") / "source.db")
+    with Peer.open(url, peer_id="source") as source:
+        fill(source, 8, ("default", "user:1"))
+        with source.transaction("two ops") as tx:
+            tx.insert("notes", {"_id": "n", "text": "ünïcode \"quoted\""})
+            tx.delete("items", 0)
+        plan = replayable(source, None)
+        assert plan is not None
+        return source._ledger.rows_at([at for _id, at in plan], *COPY_COLUMNS, "payload")
+
+
+def _per_row(rows: list[Any]) -> tuple[Any, ...]:
+    """What check_items, each row's descriptor alone, makes of ``rows``."""
+    try:
+        batch = check_items([(descriptor_from_row(r), payload_of(r)) for r in rows], False)
+    except TxEngineError as exc:
+        return ("refused", type(exc), str(exc))
+    except Exception as exc:  # noqa: BLE001 - a crash is an outcome check_rows must not hide
+        return ("crashed", type(exc))
+    return ("ok", {k: (r.descriptor, r.payload, r.ops) for k, r in batch.items()})
+
+
+def test_checking_rows_by_column_gives_what_each_row_alone_gives(source_rows) -> None:
+    fast = check_rows(source_rows)
+    assert fast is not None, "plain rows take the column path"
+    assert _per_row(source_rows) == ("ok", {k: (r.descriptor, r.payload, r.ops)
+                                            for k, r in fast.items()})
+
+
+_EDGES = [None, 0, -1, 1, 2**64, 2**70, 1.5, True, "", "x", "a-b", "[]", '["x"]', "[1]",
+          '[["x"]]', "{}", "not json", '[ "x"]', '["x","x"]', "script", "data", b"[]",
+          b'[{"op":"drop"}]', b"[" + b" " * MAX_PAYLOAD_BYTES + b"]",
+          '{"key":"k","sig":"s"}', '{"key":"k","sig":""}', '{"key":"k"}', "[" + "1" * 30 + "]",
+          '{"key":"k","sig":"' + "s" * 201 + '"}', '["' + "m" * 5000 + '"]', "m" * 5000]
+"""Cells at the edges of what the checks allow: each refused by one check or just allowed."""
+_CELLS = st.one_of(st.sampled_from(_EDGES), st.sampled_from(_EDGES), st.none(),
+                   st.integers(min_value=-2, max_value=2**70), st.floats(allow_nan=False),
+                   st.text(max_size=4), st.binary(max_size=4))
+
+
+def _sealed(row: Any) -> Any:
+    """``row`` with the checksum, digest and (for data) id its other cells give, as its
+    author would seal it; as it was where they give none."""
+    try:
+        d = descriptor_from_row(row)
+        digest = compute_digest(d)
+        checksum = sha256(row.payload)
+    except Exception:  # noqa: BLE001 - a cell no author could seal
+        return row
+    return row._replace(digest=digest, checksum=checksum,
+                        id=digest if d["kind"] == "data" else row.id)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.data())
+def test_checking_rows_by_column_never_takes_what_a_row_alone_refuses(source_rows, data) -> None:
+    """Any one cell changed (another type, value, or another row's cell), and the row
+    sealed again or not: the column path either steps aside (None), or decides exactly as
+    the per-row checks do."""
+    rows = list(source_rows)
+    i = data.draw(st.integers(0, len(rows) - 1))
+    column = data.draw(st.sampled_from(rows[i]._fields[:16]))
+    other = data.draw(st.sampled_from(rows))
+    value = data.draw(st.one_of(_CELLS, st.just(getattr(other, column)),
+                                st.sampled_from([getattr(rows[i], c) for c in rows[i]._fields])))
+    rows[i] = rows[i]._replace(**{column: value})
+    if data.draw(st.booleans()):
+        rows[i] = _sealed(rows[i])
+    expected = _per_row(rows)
+    try:
+        fast = check_rows(rows)
+    except TxEngineError as exc:
+        assert expected == ("refused", type(exc), str(exc))
+        return
+    if fast is not None:
+        assert expected == ("ok", {k: (r.descriptor, r.payload, r.ops) for k, r in fast.items()})
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("seq", 0), ("seq", "1"), ("hlc_ms", -1), ("hlc_c", 1.5), ("parents", "[1]"),
+    ("depends_on", '[["x"]]'), ("branch_labels", "{}"), ("parents", "not json"),
+    ("message", 5), ("message", "m" * 5000), ("origin", None), ("partition", b"p"),
+    ("kind", "script"), ("signature", '{"key":"k"}'), ("signature", '{"key":"k","sig":""}'),
+    ("signature", "not json"), ("collections", '["other"]'), ("payload", b'[{"op":"drop"}]')])
+def test_checking_rows_by_column_refuses_what_a_row_alone_refuses(source_rows, column,
+                                                                  value) -> None:
+    """Each cell a sealed row may not hold: refused by the per-row checks, and never taken
+    by the column path (it steps aside, or refuses in the same words)."""
+    rows = list(source_rows)
+    rows[3] = _sealed(rows[3]._replace(**{column: value}))
+    expected = _per_row(rows)
+    assert expected[0] == "refused"
+    try:
+        assert check_rows(rows) is None
+    except TxEngineError as exc:
+        assert expected == ("refused", type(exc), str(exc))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .engine import Engine, Progress, ProgressCallback, paused_gc
 from .exceptions import IntegrityError, InvalidInput, RevisionError, UntrustedScript
-from .intake import check_follows, check_items
+from .intake import check_follows, check_items, check_rows
 from .ledger import (
     APPLIED,
     CONFLICTED,
@@ -165,9 +165,11 @@ def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size
             if [row[0] for row in rows] != [rev_id for rev_id, _at in chunk]:  # ids
                 raise InvalidInput("the source's revisions changed during the clone (one left"
                                    " or moved): the rest comes through sync")
-            batch = check_follows(
-                check_items([(descriptor_from_row(r), payload_of(r)) for r in rows],
-                            trust is not None), seen, slots, coming, trust)
+            checked = check_rows(rows)
+            if checked is None:  # a row is not plain: each alone, to name the fault
+                checked = check_items([(descriptor_from_row(r), payload_of(r)) for r in rows],
+                                      trust is not None)
+            batch = check_follows(checked, seen, slots, coming, trust)
             if finish is not None:
                 waiting, finish = finish, None
                 waiting()

@@ -101,7 +101,7 @@ def decode_ops(payload: bytes, limit: int = MAX_PAYLOAD_BYTES, trusted: bool = F
         raise MalformedPayload(f"payload is not valid JSON: {exc}") from exc
     if not isinstance(data, list):
         raise MalformedPayload("a data payload must be a JSON list of ops")
-    return [op_from_json(item) for item in data]
+    return list(map(op_from_json, data))
 
 
 class _Ops:
