@@ -84,6 +84,9 @@ def check_rows(rows: Sequence[Sequence[Any]]) -> dict[str, Revision] | None:
     once, in canonical key order without ``id`` and ``digest``, which is the
     text its digest covers. A data revision's id is its digest, a hex string,
     which settles the id's syntax; the size limit follows from the same text.
+    It mirrors :func:`~txengine.revision.check_descriptor` and
+    :func:`~txengine.revision.verify_bytes`: a rule added there belongs here
+    too (tests/test_clone.py holds the two to the same decisions).
     """
     if not rows:
         return {}
