@@ -43,6 +43,15 @@ def fill(peer: Peer, count: int, partitions: tuple[str, ...] = ("default",)) -> 
                     == partition else tx.insert("items", {"_id": n, "n": n})
 
 
+def filled(tmp_path: Path, count: int) -> tuple[str, str, dict[Any, Any]]:
+    """Return a source store of ``count`` revisions (:func:`fill`) in ``tmp_path``, a target
+    path beside it, and the source's snapshot."""
+    source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
+    with Peer.open(source_url, peer_id="source") as source:
+        fill(source, count)
+        return source_url, target, source.snapshot()
+
+
 def short_lease(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """Make every ledger opened from now on hold the apply lease for ``seconds`` only."""
     from txengine.ledger import Ledger
@@ -207,10 +216,7 @@ def test_an_intake_step_that_outlasts_the_lease_takes_it_again(tmp_path: Path, m
 
     from txengine.engine import Engine
 
-    source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
-    with Peer.open(source_url, peer_id="source") as source:
-        fill(source, 8)
-        expected = source.snapshot()
+    source_url, target, expected = filled(tmp_path, 8)
     begin_copied = Engine.begin_copied
     slept = []
 
@@ -236,10 +242,7 @@ def test_a_commit_that_fails_beside_the_next_checks_leaves_a_prefix_sync_complet
     """A one-pass clone commits each batch on a helper thread while it checks the next;
     when that commit fails, the clone stops with its error, the batches committed
     before stay, and a sync from the source completes the copy."""
-    source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
-    with Peer.open(source_url, peer_id="source") as source:
-        fill(source, 12)
-        expected = source.snapshot()
+    source_url, target, expected = filled(tmp_path, 12)
     calls = fail_background_commit(monkeypatch, 2)
     with pytest.raises(Exception, match="no_such_table"):
         Peer.clone(source_url, target, "copy", batch_size=4)
@@ -259,10 +262,7 @@ def test_a_source_that_changes_during_the_clone_is_finished_through_sync(
     the one-pass clone stops with its one-line error and sync takes the rest."""
     from txengine.ledger import Ledger
 
-    source_url, target = str(tmp_path / "source.db"), str(tmp_path / "copy.db")
-    with Peer.open(source_url, peer_id="source") as source:
-        fill(source, 20)
-        expected = source.snapshot()
+    source_url, target, expected = filled(tmp_path, 20)
     rows_at = Ledger.rows_at
     calls = []
 
