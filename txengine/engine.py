@@ -52,7 +52,7 @@ from .ops import Op, State, apply_op, write_key
 from .policy import DEFAULT, REJECT, Policy, decode_config, resolver
 from .revision import Revision, decode_ops
 from .stores.base import Store
-from .values import key_text, loads, sha256
+from .values import loads, sha256
 from .vector import SeqIndex
 
 if TYPE_CHECKING:
@@ -1004,8 +1004,8 @@ class Engine:
         statements: list[Any] = []
         try:
             with paused_gc():
-                keys_of = [[(r.descriptor["partition"], op.collection, key_text(op.key))
-                            for op in r.ops] for r in revs]
+                keys_of = [[(r.descriptor["partition"], *write_key(op)) for op in r.ops]
+                           for r in revs]
                 work.preload(k for keys in keys_of for k in keys)
                 entries: list[Applied] = []
                 audit: list[tuple[str, str | None, str, float, dict[str, Any]]] = []

@@ -120,9 +120,9 @@ def check_rows(rows: Sequence[Sequence[Any]]) -> dict[str, Revision] | None:
         texts = list(map(orjson.dumps, bodies))
     except (orjson.JSONEncodeError, TypeError):  # integers beyond 64 bits, lone surrogates
         return None
-    computed = list(map(sha256, texts))  # hex strings: what ids and digests must equal
-    if (computed != list(ids) or computed != list(digests)
-            or list(map(sha256, payloads)) != list(checksums)
+    computed = tuple(map(sha256, texts))  # hex strings: what ids and digests must equal
+    if (computed != ids or computed != digests
+            or tuple(map(sha256, payloads)) != checksums
             or max(map(len, texts)) + _ID_AND_DIGEST > MAX_DESCRIPTOR_BYTES):
         return None
     batch: dict[str, Revision] = {}
