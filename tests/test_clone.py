@@ -278,6 +278,32 @@ def test_a_source_that_changes_during_the_clone_is_finished_through_sync(
     assert len(calls) == 2, "the one-pass path stopped at the changed batch"
 
 
+def test_a_bad_row_in_a_later_piece_refuses_its_whole_batch(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """A one-pass clone checks a batch a piece at a time (``clone._PIECE`` rows) but
+    refuses it whole: a bad row in its last piece leaves none of its earlier pieces
+    applied, and the batches before it stay."""
+    from txengine import clone as clone_module
+
+    monkeypatch.setattr(clone_module, "_PIECE", 3)
+    source_url, target, _expected = filled(tmp_path, 20)
+    with Peer.open(source_url, peer_id="source") as source:
+        bad = replayable(source, None)[14][0]  # batch 8-15, piece 14-16
+    engine = sa.create_engine(f"sqlite:///{source_url}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE txengine_revisions SET payload = :p WHERE id = :i"),
+                     {"p": b"[]", "i": bad})
+    engine.dispose()
+    with Peer.open(source_url, peer_id="source") as source, \
+            Peer.open(target, peer_id="copy") as copy:
+        copy._take_lease()
+        with pytest.raises(TxEngineError, match="altered"):
+            clone_module.replay(source, copy, replayable(source, None), 8)
+    with Peer.open(target, peer_id="copy") as copy:
+        assert len(copy.history()) == 8, "the first batch stays; nothing of the second"
+        assert copy.verify(replay=True).ok
+
+
 def _revision(rev_id: str, hlc: list[int], parents: list[str], seq: int,
               origin: str = "o:0") -> Revision:
     return Revision({"id": rev_id, "partition": "default", "origin": origin, "seq": seq,
