@@ -288,7 +288,7 @@ def test_a_bad_row_in_a_later_piece_refuses_its_whole_batch(tmp_path: Path,
     monkeypatch.setattr(clone_module, "_PIECE", 3)
     source_url, target, _expected = filled(tmp_path, 20)
     with Peer.open(source_url, peer_id="source") as source:
-        bad = replayable(source, None)[14][0]  # batch 8-15, piece 14-16
+        bad = replayable(source, None)[14][0]  # batch 8-15, its last piece 14-15
     engine = sa.create_engine(f"sqlite:///{source_url}")
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE txengine_revisions SET payload = :p WHERE id = :i"),
