@@ -91,6 +91,7 @@ def main() -> None:
     print(f"source: {n:,} revisions recorded and applied in {time.perf_counter() - t:.1f}s",
           file=sys.stderr)
     docs = [(k, json.dumps(doc), inc) for (_p, _c, k), (doc, inc) in snapshot.items()]
+    checks = [host_check()]
     clones, replays, raws = [], [], []
     for run in range(args.runs):
         target = str(tmp / f"clone-{run}.db")
@@ -112,8 +113,10 @@ def main() -> None:
     print(f"ratios (medians): the clone runs {statistics.median(replays) / clone:.2f}x as fast as"
           f" receive + upgrade heads; the floor runs {clone / statistics.median(raws):,.0f}x as"
           " fast as the clone (on a shared host the ratios move less than the rates)")
-    print(f"host check: a fixed pure-Python loop took {host_check():.2f} s (0.8-0.95 s seen on"
-          " a quiet host of the CI kind, 1.1-1.4 s on a busy one: wall rates move with it)")
+    checks.append(host_check())
+    print(f"host check: a fixed pure-Python loop took {checks[0]:.2f} s before the runs and"
+          f" {checks[1]:.2f} s after (0.8-0.95 s seen on a quiet host of the CI kind, 1.1-1.4 s"
+          " on a busy one: wall rates move with it)")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from click.testing import CliRunner
 from conftest import fail_background_commit
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_verify import tamper
 
 from txengine.cli import cli
 from txengine.clone import replayable
@@ -167,11 +167,8 @@ def test_clone_of_a_tampered_source_refuses_that_revision_alone(tmp_path: Path) 
             with source.transaction(f"rev {n}", partition=f"p{n % 2}") as tx:
                 tx.insert("items", {"_id": n, "n": n})
         bad = [h.id for h in source.history() if h.partition == "p1"][0]
-    engine = sa.create_engine(f"sqlite:///{source_url}")
-    with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE txengine_revisions SET payload = :p WHERE id = :i"),
-                     {"p": b"[]", "i": bad})
-    engine.dispose()
+    tamper(f"sqlite:///{source_url}", "UPDATE txengine_revisions SET payload = :p"
+           " WHERE id = :id", p=b"[]", id=bad)
     with Peer.clone(source_url, target, "copy", batch_size=4) as copy:
         assert bad not in {h.id for h in copy.history()}
         assert len(copy.find("items", partition="p0")) == 10  # the other partition is whole
@@ -289,11 +286,8 @@ def test_a_bad_row_in_a_later_piece_refuses_its_whole_batch(tmp_path: Path,
     source_url, target, _expected = filled(tmp_path, 20)
     with Peer.open(source_url, peer_id="source") as source:
         bad = replayable(source, None)[14][0]  # batch 8-15, its last piece 14-15
-    engine = sa.create_engine(f"sqlite:///{source_url}")
-    with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE txengine_revisions SET payload = :p WHERE id = :i"),
-                     {"p": b"[]", "i": bad})
-    engine.dispose()
+    tamper(f"sqlite:///{source_url}", "UPDATE txengine_revisions SET payload = :p"
+           " WHERE id = :id", p=b"[]", id=bad)
     with Peer.open(source_url, peer_id="source") as source, \
             Peer.open(target, peer_id="copy") as copy:
         copy._take_lease()
