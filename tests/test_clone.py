@@ -298,6 +298,44 @@ def test_a_bad_row_in_a_later_piece_refuses_its_whole_batch(tmp_path: Path,
         assert copy.verify(replay=True).ok
 
 
+@pytest.mark.parametrize(("revisions", "payload"), [(10, 1 << 30), (10 ** 6, 700)])
+def test_a_clone_holds_its_committed_batches_up_to_a_bound(tmp_path: Path, monkeypatch,
+                                                           revisions, payload) -> None:
+    """A one-pass clone keeps committed batches' objects until its last commit, so that
+    freeing them does not slow the next batch, but never more than the bound (revisions,
+    payload bytes): past it, the oldest are freed as it goes."""
+    from collections import deque
+
+    from txengine import clone as clone_module
+
+    held: list[tuple[int, int]] = []  # (revisions, payload bytes) held after each batch
+
+    class Spy(deque):
+        def append(self, item: Any) -> None:  # a batch committed: what the others left
+            if self or held:
+                held.append(self.totals())
+            super().append(item)
+
+        def clear(self) -> None:  # the last commit runs
+            held.append(self.totals())
+            super().clear()
+
+        def totals(self) -> tuple[int, int]:
+            return (sum(len(rows) for _revs, rows, _size in self),
+                    sum(size for _revs, _rows, size in self))
+
+    monkeypatch.setattr(clone_module, "deque", Spy)
+    monkeypatch.setattr(clone_module, "_HOLD_REVISIONS", revisions)
+    monkeypatch.setattr(clone_module, "_HOLD_PAYLOAD", payload)
+    source_url, target, expected = filled(tmp_path, 40)
+    with Peer.clone(source_url, target, "copy", batch_size=4) as copy:
+        assert copy.snapshot() == expected
+        assert copy.verify(replay=True).ok
+    assert len(held) == 10, "one entry a batch"
+    assert all(n <= revisions and size <= payload for n, size in held), held
+    assert max(n for n, _size in held) >= 8, f"it holds batches while within the bound: {held}"
+
+
 def _revision(rev_id: str, hlc: list[int], parents: list[str], seq: int,
               origin: str = "o:0") -> Revision:
     return Revision({"id": rev_id, "partition": "default", "origin": origin, "seq": seq,
