@@ -316,15 +316,20 @@ def test_a_clone_holds_its_committed_batches_up_to_a_bound(tmp_path: Path, monke
                 held.append(self.totals())
             super().append(item)
 
-        def clear(self) -> None:  # the last commit runs
-            held.append(self.totals())
-            super().clear()
-
         def totals(self) -> tuple[int, int]:
             return (sum(len(rows) for _revs, rows, _size in self),
                     sum(size for _revs, _rows, size in self))
 
+    free = clone_module._free
+    freed: list[Spy] = []
+
+    def free_spied(batches: Spy) -> None:  # the last commit runs
+        held.append(batches.totals())
+        free(batches)
+        freed.append(batches)
+
     monkeypatch.setattr(clone_module, "deque", Spy)
+    monkeypatch.setattr(clone_module, "_free", free_spied)
     monkeypatch.setattr(clone_module, "_HOLD_REVISIONS", revisions)
     monkeypatch.setattr(clone_module, "_HOLD_PAYLOAD", payload)
     source_url, target, expected = filled(tmp_path, 40)
@@ -334,6 +339,7 @@ def test_a_clone_holds_its_committed_batches_up_to_a_bound(tmp_path: Path, monke
     assert len(held) == 10, "one entry a batch"
     assert all(n <= revisions and size <= payload for n, size in held), held
     assert max(n for n, _size in held) >= 8, f"it holds batches while within the bound: {held}"
+    assert [len(batches) for batches in freed] == [0], "all freed by the clone's end"
 
 
 def _revision(rev_id: str, hlc: list[int], parents: list[str], seq: int,

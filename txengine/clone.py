@@ -147,7 +147,7 @@ def replay(source: Peer, target: Peer, ids: list[tuple[str, Any]], batch_size: i
             finish = _replay(source, target._engine, ids, batch_size, trust, slots, held,
                              progress)
             try:  # while the last batch commits
-                held.clear()
+                _free(held)
                 vectors = _vectors(slots)
                 slots.clear()  # and while the collector still sleeps: it would walk them all
             finally:
@@ -216,6 +216,16 @@ def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size
             with contextlib.suppress(BaseException):
                 finish()  # what was checked before the failure stays committed
         raise
+
+
+def _free(held: deque[tuple[list[Revision], list[Any], int]]) -> None:
+    """Free the batches :func:`_replay` held, a piece at a time: freeing a whole batch is
+    one call that holds the GIL throughout, which would keep the last commit's helper
+    thread from binding its statements meanwhile."""
+    while held:
+        for objects in held.popleft()[:2]:
+            while objects:
+                del objects[-_PIECE:]
 
 
 def _vectors(slots: Iterable[tuple[str, str, int]]) -> dict[str, Vector]:
