@@ -304,32 +304,23 @@ def test_a_clone_holds_its_committed_batches_up_to_a_bound(tmp_path: Path, monke
     """A one-pass clone keeps committed batches' objects until its last commit, so that
     freeing them does not slow the next batch, but never more than the bound (revisions,
     payload bytes): past it, the oldest are freed as it goes."""
-    from collections import deque
-
     from txengine import clone as clone_module
 
     held: list[tuple[int, int]] = []  # (revisions, payload bytes) held after each batch
+    kept: list[list[list[Any]]] = []  # each batch's lists
+    add, free = clone_module._Held.add, clone_module._Held.free
 
-    class Spy(deque):
-        def append(self, item: Any) -> None:  # a batch committed: what the others left
-            if self or held:
-                held.append(self.totals())
-            super().append(item)
+    def add_spied(self, lists: list[list[Any]], *args: Any) -> None:
+        add(self, lists, *args)
+        held.append((self.revisions, self.payload))
+        kept.append(lists)
 
-        def totals(self) -> tuple[int, int]:
-            return (sum(len(rows) for _revs, rows, _size in self),
-                    sum(size for _revs, _rows, size in self))
+    def free_spied(self) -> None:  # the last commit runs
+        assert all(objects for objects in kept[-1]), "the last batch is still held"
+        free(self)
 
-    free = clone_module._free
-    freed: list[Spy] = []
-
-    def free_spied(batches: Spy) -> None:  # the last commit runs
-        held.append(batches.totals())
-        free(batches)
-        freed.append(batches)
-
-    monkeypatch.setattr(clone_module, "deque", Spy)
-    monkeypatch.setattr(clone_module, "_free", free_spied)
+    monkeypatch.setattr(clone_module._Held, "add", add_spied)
+    monkeypatch.setattr(clone_module._Held, "free", free_spied)
     monkeypatch.setattr(clone_module, "_HOLD_REVISIONS", revisions)
     monkeypatch.setattr(clone_module, "_HOLD_PAYLOAD", payload)
     source_url, target, expected = filled(tmp_path, 40)
@@ -339,7 +330,8 @@ def test_a_clone_holds_its_committed_batches_up_to_a_bound(tmp_path: Path, monke
     assert len(held) == 10, "one entry a batch"
     assert all(n <= revisions and size <= payload for n, size in held), held
     assert max(n for n, _size in held) >= 8, f"it holds batches while within the bound: {held}"
-    assert [len(batches) for batches in freed] == [0], "all freed by the clone's end"
+    assert all(len(lists) == 4 for lists in kept), "revisions, rows, keys and apply entries"
+    assert not any(objects for lists in kept for objects in lists), "all freed by the end"
 
 
 def _revision(rev_id: str, hlc: list[int], parents: list[str], seq: int,

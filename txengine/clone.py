@@ -48,8 +48,8 @@ from one column's check to the next, which a whole batch's (tens of megabytes) d
 _HOLD_REVISIONS = 100_000
 _HOLD_PAYLOAD = 16 << 20
 """How much of the batches it has committed a one-pass clone keeps in memory until its last
-commit, in revisions and payload bytes (about 2 KB a revision of small documents, and
-several times its payload: ~250 MB at most)."""
+commit (:class:`_Held`), in revisions and payload bytes: about 2-3 KB a revision of small
+documents, and several times its payload (~300 MB at most)."""
 _SYNC_BATCH = 2000
 """Revisions a clone through sync's messages moves a batch, by default. A one-pass clone
 commits the new store's ``bulk_batch`` at a time, as a bulk upgrade does."""
@@ -141,13 +141,13 @@ def replay(source: Peer, target: Peer, ids: list[tuple[str, Any]], batch_size: i
     if progress is not None:
         progress(Progress("fetch", 0, total))
     slots: dict[tuple[str, str, int], str] = {}
-    held: deque[tuple[list[Revision], list[Any], int]] = deque()
+    held = _Held()
     with paused_gc():
         try:
             finish = _replay(source, target._engine, ids, batch_size, trust, slots, held,
                              progress)
             try:  # while the last batch commits
-                _free(held)
+                held.free()
                 vectors = _vectors(slots)
                 slots.clear()  # and while the collector still sleeps: it would walk them all
             finally:
@@ -162,19 +162,13 @@ def replay(source: Peer, target: Peer, ids: list[tuple[str, Any]], batch_size: i
 
 def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size: int,
             trust: Any, slots: dict[tuple[str, str, int], str],
-            held: deque[tuple[list[Revision], list[Any], int]],
-            progress: ProgressCallback | None) -> Callable[[], Any] | None:
+            held: _Held, progress: ProgressCallback | None) -> Callable[[], Any] | None:
     """Each batch is read from the source and checked, :data:`_PIECE` rows at a time,
     while the batch before it commits (:meth:`Engine.begin_copied`); it is applied and
-    committed whole. Return the call that waits for the last commit.
-
-    A committed batch's rows and revisions (tens of objects a revision) go to
-    ``held``, not to the allocator: freed there, they cost the next batch
-    5-10 % of its time; the caller frees them while the last commit runs.
-    Past :data:`_HOLD_REVISIONS` or :data:`_HOLD_PAYLOAD`, the oldest are freed.
+    committed whole. Return the call that waits for the last commit. A committed
+    batch's objects go to ``held``.
     """
     total = len(ids)
-    count = size = 0
     coming = {rev_id for rev_id, _at in ids}
     seen: dict[str, list[int]] = {}
     finish: Callable[[], Any] | None = None
@@ -200,16 +194,10 @@ def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size
                 if progress is not None:
                     progress(Progress("fetch", start, total))
             engine.ledger.keep_lease()  # a long clone outlasts it
+            lists: list[list[Any]] = [batch, rows]
             if batch:
-                finish = engine.begin_copied(batch, rows)
-            payload = sum(map(len, [row[15] for row in rows]))
-            held.append((batch, rows, payload))
-            count += len(rows)
-            size += payload
-            while count > _HOLD_REVISIONS or size > _HOLD_PAYLOAD:
-                _revs, old, old_size = held.popleft()
-                count -= len(old)
-                size -= old_size
+                finish = engine.begin_copied(batch, rows, lists)
+            held.add(lists, len(rows), sum(map(len, [row[15] for row in rows])))  # payloads
         return finish
     except BaseException:
         if finish is not None:
@@ -218,12 +206,39 @@ def _replay(source: Peer, engine: Engine, ids: list[tuple[str, Any]], batch_size
         raise
 
 
-def _free(held: deque[tuple[list[Revision], list[Any], int]]) -> None:
-    """Free the batches :func:`_replay` held, a piece at a time: freeing a whole batch is
-    one call that holds the GIL throughout, which would keep the last commit's helper
-    thread from binding its statements meanwhile."""
-    while held:
-        for objects in held.popleft()[:2]:
+class _Held:
+    """The objects of the batches a one-pass clone committed, kept from the allocator.
+
+    A batch leaves tens of objects a revision (rows, revisions, ops, undo
+    records). Freed as the next batch replaces them, they cost it 5-10 % of
+    its time, cold in memory by then; the clone frees them while its last
+    commit runs instead. Past :data:`_HOLD_REVISIONS` or :data:`_HOLD_PAYLOAD`
+    the oldest are freed as it goes. Each is freed a piece at a time: freeing
+    a batch's list whole is one call that holds the GIL throughout, and would
+    keep the commit's helper thread from binding its statements meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self.batches: deque[tuple[list[list[Any]], int, int]] = deque()
+        self.revisions = self.payload = 0
+
+    def add(self, lists: list[list[Any]], revisions: int, payload: int) -> None:
+        """Keep one batch's ``lists`` (of ``revisions`` and ``payload`` bytes)."""
+        self.batches.append((lists, revisions, payload))
+        self.revisions += revisions
+        self.payload += payload
+        while self.revisions > _HOLD_REVISIONS or self.payload > _HOLD_PAYLOAD:
+            self._free_oldest()
+
+    def free(self) -> None:
+        while self.batches:
+            self._free_oldest()
+
+    def _free_oldest(self) -> None:
+        lists, revisions, payload = self.batches.popleft()
+        self.revisions -= revisions
+        self.payload -= payload
+        for objects in lists:
             while objects:
                 del objects[-_PIECE:]
 

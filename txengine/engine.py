@@ -969,8 +969,8 @@ class Engine:
 
         return finish
 
-    def begin_copied(self, revs: Sequence[Revision], rows: Sequence[Any]
-                     ) -> Callable[[], None]:
+    def begin_copied(self, revs: Sequence[Revision], rows: Sequence[Any],
+                     held: list[list[Any]] | None = None) -> Callable[[], None]:
         """Apply and record data revisions that a clone copies, in canonical order, into
         this empty peer; start the commit and return the call that waits for it.
 
@@ -980,6 +980,8 @@ class Engine:
         (``Peer._unload``), which a clone that only writes never pays for. The
         document states stay in memory from one batch to the next, as through
         one upgrade: each batch reads only the keys no batch before it wrote.
+        ``held``, when given, takes the batch's lists of keys and apply entries, for
+        the caller to free when it chooses (a clone: while its last commit runs).
         """
         started = time.perf_counter()
         self.ledger.check_lease()
@@ -990,17 +992,17 @@ class Engine:
                    ) -> None:
             self.ledger.copy_many(rows, revs, entries, statements, keys_of)
 
-        entries, wait = self._begin_batch(revs, record, started, self._copied)
+        entries, wait = self._begin_batch(revs, record, started, self._copied, held)
         self.next_position += len(entries)
         return lambda: self._wait(wait)
 
     def _begin_batch(self, revs: Sequence[Revision],
                      record: Callable[[list[Applied], list[list[Key]], list[Any]], None],
-                     started: float,
-                     work: _Work) -> tuple[list[Applied], Callable[[], None]]:
+                     started: float, work: _Work, held: list[list[Any]] | None = None
+                     ) -> tuple[list[Applied], Callable[[], None]]:
         """Apply ``revs`` in memory from ``next_position`` on, write their documents, their
         ledger rows (``record``, given each revision's keys) and one audit row, and start
-        the commit."""
+        the commit; ``held`` takes the lists of keys and entries (see :meth:`begin_copied`)."""
         statements: list[Any] = []
         try:
             with paused_gc():
@@ -1022,6 +1024,8 @@ class Engine:
                     "count": len(revs), "first": revs[0].id, "last": revs[-1].id,
                     "arrived": True, "steps": ",".join([_SIGN["apply"] + r.id for r in revs])}))
                 self.ledger.audit_many(audit)
+                if held is not None:
+                    held += (keys_of, entries)
                 return entries, self.store.commit_in_background(statements)
         except BaseException:
             self.store.rollback()
