@@ -231,6 +231,7 @@ class _Held:
             self._free_oldest()
 
     def free(self) -> None:
+        """Free every batch held, oldest first."""
         while self.batches:
             self._free_oldest()
 
