@@ -45,11 +45,12 @@ _HELD = frozenset({FETCHED, APPLIED, CONFLICTED})
 _PIECE = 1000
 """Rows a one-pass clone checks at a time: a piece's objects stay in the CPU's caches
 from one column's check to the next, which a whole batch's (tens of megabytes) do not."""
-_HOLD_REVISIONS = 100_000
+_HOLD_REVISIONS = 40_000
 _HOLD_PAYLOAD = 16 << 20
-"""How much of the batches it has committed a one-pass clone keeps in memory until its last
-commit (:class:`_Held`), in revisions and payload bytes: about 2-3 KB a revision of small
-documents, and several times its payload (~300 MB at most)."""
+"""How much of the batches it has committed a one-pass clone keeps in memory (:class:`_Held`),
+in revisions and payload bytes: two of a SQL store's batches, about 3 KB a revision of small
+documents and several times its payload (~120 MB at most). Holding all of a 100,000-revision
+clone was no faster, and took 130 MB more."""
 _SYNC_BATCH = 2000
 """Revisions a clone through sync's messages moves a batch, by default. A one-pass clone
 commits the new store's ``bulk_batch`` at a time, as a bulk upgrade does."""
@@ -210,12 +211,13 @@ class _Held:
     """The objects of the batches a one-pass clone committed, kept from the allocator.
 
     A batch leaves tens of objects a revision (rows, revisions, ops, undo
-    records). Freed as the next batch replaces them, they cost it 5-10 % of
-    its time, cold in memory by then; the clone frees them while its last
-    commit runs instead. Past :data:`_HOLD_REVISIONS` or :data:`_HOLD_PAYLOAD`
-    the oldest are freed as it goes. Each is freed a piece at a time: freeing
-    a batch's list whole is one call that holds the GIL throughout, and would
-    keep the commit's helper thread from binding its statements meanwhile.
+    records). Freed whole as the next batch replaced them, they cost it 5-10 %
+    of its time. They are kept instead, the oldest freed once more than
+    :data:`_HOLD_REVISIONS` or :data:`_HOLD_PAYLOAD` are held, and the rest
+    while the last commit runs, when the clone has nothing else to do. Each
+    is freed a piece at a time: freeing a batch's list whole is one call that
+    holds the GIL throughout, and keeps the commit's helper thread from
+    binding its statements meanwhile.
     """
 
     def __init__(self) -> None:
