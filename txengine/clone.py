@@ -215,8 +215,8 @@ class _Held:
     of its time. They are kept instead, the oldest freed once more than
     :data:`_HOLD_REVISIONS` or :data:`_HOLD_PAYLOAD` are held, and the rest
     while the last commit runs, when the clone has nothing else to do. Each
-    is freed a piece at a time: freeing a batch's list whole is one call that
-    holds the GIL throughout, and keeps the commit's helper thread from
+    list is freed :data:`_PIECE` items at a time: freeing it whole is one call
+    that holds the GIL throughout, and keeps the commit's helper thread from
     binding its statements meanwhile.
     """
 
